@@ -1,0 +1,413 @@
+"""
+Load GPT-2 into model.py: OpenAI's four checkpoints from the Hugging Face hub, a local Hugging Face
+folder or .safetensors file, or a checkpoint written by our own scripts. Also the way back (export_hf).
+
+    model = load_gpt2("gpt2-medium")          # downloads once into ~/.cache/nanoft
+    python load_gpt2.py --model=gpt2-xl        # download, load, print the config and a greedy sample
+
+Needs nothing but torch, numpy and requests: safetensors files are read and written here, and every
+download is streamed to a .part file, resumed after an interruption, checked (size and sha256) and only
+then renamed into place, so a partial or corrupt file is never loaded.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from model import GPT, GPTConfig, PRESETS
+
+HF_REPO = "openai-community/{name}"  # the hub's home of OpenAI's GPT-2 checkpoints
+HF_FILES = ("config.json", "model.safetensors")
+RETRIES = 5  # attempts per download on a dropped connection or a 5xx answer
+BACKOFF = 1.0  # seconds before the first retry, doubled after each
+TIMEOUT = 30  # seconds without a byte before a connection counts as dropped
+MAX_HEADER = 100_000_000  # a safetensors header larger than this is not a real one
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def hf_endpoint():
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def cache_dir():
+    return Path(os.environ.get("NANOFT_CACHE", Path.home() / ".cache" / "nanoft"))
+
+
+def offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+# ----------------------------------------------------------------------------- downloads
+
+def download(url, dest, sha256=None, desc=None):
+    """Fetch url into dest (a Path) unless it is already there; returns dest.
+
+    The bytes go to dest + '.part' first; a .part left by an interrupted run is resumed with an HTTP Range
+    request. The size (and sha256, when given or announced by the server) is checked before the rename,
+    so dest only ever holds a complete, verified file.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    if offline():
+        raise DownloadError(f"{dest} is not in the cache and HF_HUB_OFFLINE is set: run once with network "
+                            f"access (or unset HF_HUB_OFFLINE) to download it from {url}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    desc = desc or dest.name
+    for attempt in range(RETRIES):
+        try:
+            expected_sha, expected_size = _fetch(url, part, desc, sha256)
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                _ServerError) as e:
+            if attempt == RETRIES - 1:
+                raise DownloadError(f"could not download {url} after {RETRIES} attempts ({e}); check your "
+                                    f"network (or HF_ENDPOINT) and run again: the {part.stat().st_size if part.exists() else 0} "
+                                    f"bytes already fetched are kept in {part} and will be resumed") from None
+            wait = BACKOFF * 2 ** attempt
+            print(f"\n{desc}: {e.__class__.__name__} ({e}); retrying in {wait:.0f}s", file=sys.stderr)
+            time.sleep(wait)
+    _verify(part, url, expected_size, expected_sha)
+    os.replace(part, dest)
+    return dest
+
+
+class _ServerError(Exception):
+    pass
+
+
+def _fetch(url, part, desc, sha256):
+    """One attempt: stream url into part, appending to what is already there. Returns (sha256, size)."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+        if r.status_code in (401, 403, 404):
+            raise DownloadError(f"{url} answered {r.status_code} ({r.reason}): check the name and the address "
+                                f"(HF_ENDPOINT={hf_endpoint()}); a gated or private file needs access rights")
+        if r.status_code == 416 and have:  # nothing past what we have: the .part is already complete
+            return sha256 or _announced_sha256(r), have
+        if r.status_code >= 500:
+            raise _ServerError(f"{r.status_code} {r.reason}")
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"{url} answered {r.status_code} ({r.reason}); expected the file")
+        if r.status_code == 200:
+            have = 0  # the server ignored our Range: start over
+        size = _total_size(r, have)
+        mode = "ab" if r.status_code == 206 else "wb"
+        with open(part, mode) as f:
+            done, start = have, time.time()
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                _progress(desc, done, size, have, start)
+        print(file=sys.stderr)
+        return sha256 or _announced_sha256(r), size
+
+
+def _announced_sha256(r):
+    """The hub names an LFS file's sha256 in X-Linked-Etag (on the redirect) or ETag; a 64-hex etag is one."""
+    for resp in [*r.history, r]:
+        for h in ("X-Linked-Etag", "ETag"):
+            tag = resp.headers.get(h, "").removeprefix("W/").strip('"')
+            if re.fullmatch(r"[0-9a-f]{64}", tag):
+                return tag
+    return None
+
+
+def _total_size(r, have):
+    if r.status_code == 206 and "Content-Range" in r.headers:  # bytes start-end/total
+        total = r.headers["Content-Range"].rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = r.headers.get("Content-Length")
+    return have + int(length) if length and length.isdigit() else None
+
+
+def _progress(desc, done, size, have, start):
+    rate = (done - have) / max(time.time() - start, 1e-6)
+    if size:
+        eta = (size - done) / rate if rate > 0 else 0
+        msg = f"{desc}: {done / 1e6:.1f}/{size / 1e6:.1f} MB ({100 * done / size:.0f}%), {rate / 1e6:.1f} MB/s, ETA {eta:.0f}s"
+    else:
+        msg = f"{desc}: {done / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s"
+    print("\r" + msg, end="", file=sys.stderr, flush=True)
+
+
+def _verify(part, url, size, sha256):
+    """Never let a short or corrupt file be renamed into place: delete it and say so."""
+    actual = part.stat().st_size
+    if size is not None and actual != size:
+        part.unlink()
+        raise DownloadError(f"download of {url} is {actual} bytes but the server announced {size}; the "
+                            f"partial file was deleted, run again to download it afresh")
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise DownloadError(f"download of {url} is corrupt: sha256 {h.hexdigest()} but expected "
+                                f"{sha256}; the file was deleted, run again to download it afresh")
+
+
+def download_gpt2(name):
+    """The cache folder holding config.json and model.safetensors of an OpenAI GPT-2 checkpoint."""
+    folder = cache_dir() / name
+    base = f"{hf_endpoint()}/{HF_REPO.format(name=name)}/resolve/main"
+    for file in HF_FILES:
+        try:
+            download(f"{base}/{file}", folder / file, desc=f"{name}/{file}")
+        except requests.RequestException as e:
+            raise DownloadError(f"could not download {name} from {base}/{file} ({e.__class__.__name__}): "
+                                f"check your network, or set HF_ENDPOINT to a mirror") from None
+        except DownloadError as e:
+            raise DownloadError(f"could not get model '{name}': {e}") from None
+    return folder
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+          "BF16": (np.uint16, torch.bfloat16)}  # numpy has no bfloat16: read its bits as uint16
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file, memory-mapped (no copy until a tensor is converted).
+
+    The header is hostile until checked: its size, its JSON, every dtype, shape and byte range.
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file: only {file_size} bytes")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER or n > file_size - 8:
+            raise ValueError(f"{path} is not a valid safetensors file: header size {n} is larger than "
+                             f"{'the file' if n <= MAX_HEADER else 'the 100 MB limit'}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a valid safetensors file: header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = file_size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n, shape=(data_size,)) if data_size else None
+    tensors = {}
+    for name, info in header.items():
+        np_dtype, torch_dtype, shape, (start, end) = _check_entry(path, name, info, data_size)
+        array = data[start:end].view(np_dtype).reshape(shape) if end > start else np.zeros(shape, np_dtype)
+        tensors[name] = torch.from_numpy(array).view(torch_dtype)
+    return tensors
+
+
+def _check_entry(path, name, info, data_size):
+    def bad(why):
+        return ValueError(f"{path} is not a valid safetensors file: tensor '{name}' {why}")
+    if not isinstance(info, dict):
+        raise bad("has no description")
+    if info.get("dtype") not in DTYPES:
+        raise bad(f"has dtype {info.get('dtype')!r}; supported: {', '.join(DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"has shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise bad(f"has data_offsets {offsets!r} outside the {data_size} data bytes")
+    np_dtype, torch_dtype = DTYPES[info["dtype"]]
+    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(np_dtype).itemsize:
+        raise bad(f"has {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
+    return np_dtype, torch_dtype, shape, offsets
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as .safetensors (temp file + rename, so a crash leaves no half file)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        blob = t.view(torch.uint16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    _atomic_write(path, [len(head).to_bytes(8, "little"), head, *blobs])
+
+
+def _atomic_write(path, chunks):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- mapping into model.py
+
+def config_from_hf(hf):
+    """GPTConfig from a Hugging Face GPT-2 config.json dict."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json describes a '{hf['model_type']}' model, not GPT-2")
+    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+
+
+def hf_to_ours(tensors, config):
+    """Rename and transpose a Hugging Face GPT-2 state dict into model.py's."""
+    ours = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers, and the head that is tied to wte
+        if name.endswith(CONV1D):
+            t = t.t()  # Hugging Face's Conv1D stores (in, out); nn.Linear wants (out, in)
+        ours[name] = t
+    return check_state(ours, config)
+
+
+def check_state(state, config):
+    """Raise a ValueError naming every missing, unexpected or mis-shaped tensor; else return state."""
+    with torch.device("meta"):  # shapes only, nothing allocated
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                       for k in expected.keys() & state.keys() if state[k].shape != expected[k])
+    problems = [f"{what}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if names]
+    if problems:
+        raise ValueError(f"the weights do not fit a GPT-2 with n_layer={config.n_layer}, n_head={config.n_head}, "
+                         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, block_size={config.block_size}: "
+                         + "; ".join(problems))
+    return state
+
+
+def build(config, state_dict, device="cpu", dtype=torch.float32):
+    """GPT(config) holding state_dict's weights, converted once to dtype on device; no random init."""
+    with torch.device("meta"):
+        model = GPT(config)
+    # one copy per tensor, out of the memory map (or transposed view) into its own contiguous memory
+    state_dict = {k: v.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+                  for k, v in state_dict.items()}
+    state_dict["lm_head.weight"] = state_dict["wte.weight"]
+    model.load_state_dict(state_dict, assign=True)
+    model.tie_weights()  # assign replaced wte's Parameter: share it with lm_head again
+    return model.eval()
+
+
+def load_gpt2(name_or_path, device="cpu", dtype=torch.float32):
+    """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder
+    (config.json + model.safetensors), a .safetensors file or a checkpoint (.pt) of our scripts."""
+    path = Path(str(name_or_path))
+    if str(name_or_path) in PRESETS:
+        path = download_gpt2(str(name_or_path))
+    elif not path.exists():
+        raise FileNotFoundError(f"model '{name_or_path}' is neither a GPT-2 name ({', '.join(PRESETS)}) nor "
+                                f"an existing file or folder")
+    if path.is_dir():
+        missing = [f for f in HF_FILES if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path} is not a Hugging Face GPT-2 folder: it has no {', '.join(missing)}")
+        config = config_from_hf(json.loads((path / "config.json").read_text()))
+        return build(config, hf_to_ours(read_safetensors(path / "model.safetensors"), config), device, dtype)
+    if path.suffix == ".safetensors":
+        tensors = read_safetensors(path)
+        beside = path.with_name("config.json")
+        config = config_from_hf(json.loads(beside.read_text())) if beside.exists() else config_from_tensors(tensors)
+        return build(config, hf_to_ours(tensors, config), device, dtype)
+    return load_checkpoint(path, device, dtype)
+
+
+def config_from_tensors(tensors):
+    """A bare .safetensors file with no config.json beside it: read the sizes off the tensors (n_head by
+    GPT-2's rule of 64-dim heads, as in all four OpenAI models)."""
+    names = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    if "wte.weight" not in names or "wpe.weight" not in names:
+        raise ValueError("this .safetensors file has no wte.weight / wpe.weight: it is not a GPT-2 checkpoint")
+    vocab_size, n_embd = names["wte.weight"].shape
+    n_layer = len({k.split(".")[1] for k in names if k.startswith("h.")})
+    return GPTConfig(block_size=names["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
+                     n_head=max(1, n_embd // 64), n_embd=n_embd)
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """A GPT from a checkpoint saved by our scripts: {'model': state_dict, 'model_config': dict, ...}."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint this project can read ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a nanoFT checkpoint (expected the keys 'model' and 'model_config')")
+    config = GPTConfig(**ckpt["model_config"])
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # from a compiled model
+    state.pop("lm_head.weight", None)
+    return build(config, check_state(state, config), device, dtype)
+
+
+def export_hf(model, folder):
+    """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to wte, as in OpenAI's files
+        tensors[name] = t.t() if name.endswith(CONV1D) else t
+    write_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+                 "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+                 "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "layer_norm_epsilon": 1e-5,
+                 "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
+    _atomic_write(folder / "config.json", [json.dumps(hf_config, indent=2).encode()])
+    return folder
+
+
+# ----------------------------------------------------------------------------- command line
+
+model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a ckpt.pt
+prompt = "Every effort moves you"
+max_new_tokens = 20
+device = "cpu"
+
+if __name__ == "__main__":
+    import tiktoken
+    from configurator import configure, fail
+    configure(globals())
+    try:
+        gpt = load_gpt2(model, device=device)
+    except (DownloadError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    enc = tiktoken.get_encoding("gpt2")
+    print(f"{model}: {gpt.config}")
+    print(f"parameters: {gpt.num_params() / 1e6:.1f}M")
+    ids = torch.tensor([enc.encode(prompt)], device=device)
+    out = gpt.generate(ids, max_new_tokens, temperature=0)
+    print(enc.decode(out[0].tolist()))
