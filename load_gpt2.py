@@ -110,11 +110,12 @@ def _fetch(url, part, desc, sha256):
         size = _total_size(r, have)
         mode = "ab" if r.status_code == 206 else "wb"
         with open(part, mode) as f:
-            done, start = have, time.time()
-            for chunk in r.iter_content(chunk_size=1 << 20):
+            done, start, shown = have, time.time(), 0.0
+            for chunk in r.iter_content(chunk_size=1 << 16):  # small chunks: little is lost to a dropped link
                 f.write(chunk)
                 done += len(chunk)
-                _progress(desc, done, size, have, start)
+                if time.time() - shown > 0.5 or done == size:
+                    shown = _progress(desc, done, size, have, start)
         print(file=sys.stderr)
         return sha256 or _announced_sha256(r), size
 
@@ -145,6 +146,7 @@ def _progress(desc, done, size, have, start):
     else:
         msg = f"{desc}: {done / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s"
     print("\r" + msg, end="", file=sys.stderr, flush=True)
+    return time.time()
 
 
 def _verify(part, url, size, sha256):
