@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -310,10 +311,10 @@ def check_state(state, config):
     return state
 
 
-def build(config, state_dict, device="cpu", dtype=torch.float32):
+def build(config, state_dict, device="cpu", dtype=torch.float32, dropout=0.0):
     """GPT(config) holding state_dict's weights, converted once to dtype on device; no random init."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(replace(config, dropout=dropout))
     # one copy per tensor, out of the memory map (or transposed view) into its own contiguous memory
     state_dict = {k: v.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
                   for k, v in state_dict.items()}
@@ -323,9 +324,10 @@ def build(config, state_dict, device="cpu", dtype=torch.float32):
     return model.eval()
 
 
-def load_gpt2(name_or_path, device="cpu", dtype=torch.float32):
+def load_gpt2(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
     """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder
-    (config.json + model.safetensors), a .safetensors file or a checkpoint (.pt) of our scripts."""
+    (config.json + model.safetensors), a .safetensors file or a checkpoint (.pt) of our scripts.
+    dropout is for fine-tuning (OpenAI trained GPT-2 with 0.1; inference wants 0)."""
     path = Path(str(name_or_path))
     if str(name_or_path) in PRESETS:
         path = download_gpt2(str(name_or_path))
@@ -337,13 +339,13 @@ def load_gpt2(name_or_path, device="cpu", dtype=torch.float32):
         if missing:
             raise FileNotFoundError(f"{path} is not a Hugging Face GPT-2 folder: it has no {', '.join(missing)}")
         config = config_from_hf(json.loads((path / "config.json").read_text()))
-        return build(config, hf_to_ours(read_safetensors(path / "model.safetensors"), config), device, dtype)
+        return build(config, hf_to_ours(read_safetensors(path / "model.safetensors"), config), device, dtype, dropout)
     if path.suffix == ".safetensors":
         tensors = read_safetensors(path)
         beside = path.with_name("config.json")
         config = config_from_hf(json.loads(beside.read_text())) if beside.exists() else config_from_tensors(tensors)
-        return build(config, hf_to_ours(tensors, config), device, dtype)
-    return load_checkpoint(path, device, dtype)
+        return build(config, hf_to_ours(tensors, config), device, dtype, dropout)
+    return load_checkpoint(path, device, dtype, dropout)
 
 
 def config_from_tensors(tensors):
@@ -358,7 +360,7 @@ def config_from_tensors(tensors):
                      n_head=max(1, n_embd // 64), n_embd=n_embd)
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
+def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0):
     """A GPT from a checkpoint saved by our scripts: {'model': state_dict, 'model_config': dict, ...}."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -370,7 +372,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     config = GPTConfig(**ckpt["model_config"])
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # from a compiled model
     state.pop("lm_head.weight", None)
-    return build(config, check_state(state, config), device, dtype)
+    return build(config, check_state(state, config), device, dtype, dropout)
 
 
 def export_hf(model, folder):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -117,6 +118,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
+        self.grad_checkpoint = False  # trade compute for memory in training (finetune.py --grad_checkpoint)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): two residual adds per block
         for name, p in self.named_parameters():
@@ -158,7 +160,10 @@ class GPT(nn.Module):
         mask = self._attention_mask(T, start, valid, idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for block in self.h:
-            x = block(x, mask, pos)
+            if self.grad_checkpoint and self.training:  # keep only block inputs; recompute the rest in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, pos, use_reentrant=False)
+            else:
+                x = block(x, mask, pos)
         return self.ln_f(x)
 
     def _attention_mask(self, T, start, valid, device):
