@@ -26,8 +26,10 @@ def fail(message, status=2):
 
 
 def config_keys(namespace):
-    """The settings of a script: its public globals of simple types (modules and functions are not)."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SIMPLE_TYPES)}
+    """The settings of a script: its public lowercase globals of simple types (not modules, functions or
+    UPPERCASE constants)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, SIMPLE_TYPES)}
 
 
 def parse_value(key, text, default):

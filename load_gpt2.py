@@ -64,9 +64,6 @@ def download(url, dest, sha256=None, desc=None):
     dest = Path(dest)
     if dest.exists():
         return dest
-    if offline():
-        raise DownloadError(f"{dest} is not in the cache and HF_HUB_OFFLINE is set: run once with network "
-                            f"access (or unset HF_HUB_OFFLINE) to download it from {url}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     desc = desc or dest.name
@@ -173,6 +170,9 @@ def download_gpt2(name):
     folder = cache_dir() / name
     base = f"{hf_endpoint()}/{HF_REPO.format(name=name)}/resolve/main"
     for file in HF_FILES:
+        if offline() and not (folder / file).exists():
+            raise DownloadError(f"{folder / file} is not in the cache and HF_HUB_OFFLINE is set: run once with "
+                                f"network access (or unset HF_HUB_OFFLINE) to download it from {base}/{file}")
         try:
             download(f"{base}/{file}", folder / file, desc=f"{name}/{file}")
         except requests.RequestException as e:

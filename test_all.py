@@ -11,21 +11,27 @@ import os
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import load_gpt2
+import prepare as pp
 from configurator import configure
+from finetune import IGNORE, collate, length_grouped_batches, padding_fraction, save_atomic
 from load_gpt2 import DownloadError, export_hf, load_gpt2 as load, read_safetensors, write_safetensors
 from model import GPT, GPTConfig
+from prepare import ALPACA_TEMPLATE, format_prompt, load_records, load_split, prepare
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
+EOT = 50256
 SHARED_DATA = os.environ.get("NANOFT_SHARED_DATA")
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA, reason="NANOFT_SHARED_DATA is not set: it names the "
                                        "folder of real datasets (../shared/data in CI, set by .ci/run)")
@@ -471,3 +477,544 @@ def test_configurator_help_lists_every_key(settings, capsys):
     for line in ["--model      = 'gpt2'", "--lr         = 0.0003", "--top_k      = None"]:
         assert line in out
     assert "--os" not in out
+
+
+# ----------------------------------------------------------------------------- prepare.py
+
+@pytest.fixture(scope="module")
+def shared():
+    folder = os.environ.get("NANOFT_SHARED_DATA")
+    if not folder:
+        pytest.skip("NANOFT_SHARED_DATA is not set: it names the folder of the real dataset files (../shared/data)")
+    if not Path(folder).is_dir():
+        pytest.skip(f"NANOFT_SHARED_DATA={folder} is not a folder")
+    return Path(folder).resolve()  # CI gives a relative path; the CLI test runs in another cwd
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_local_downloads():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(load_gpt2, "BACKOFF", 0.01)
+        mp.delenv("HF_HUB_OFFLINE", raising=False)  # it would stop load_gpt2.download before it starts
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy set in the environment must not get these
+        yield
+
+
+@pytest.fixture(scope="module")
+def server():
+    """serve(path, name=None, truncate=False) -> the URL of path on a 127.0.0.1 server (the Hub above);
+    serve.requests lists every (/name, Range header) asked for."""
+    hub = Hub()
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+
+    def serve(path, name=None, truncate=False):
+        name = name or Path(path).name
+        hub.files["/" + name] = Path(path).read_bytes()
+        if truncate:
+            hub.truncate_next.add("/" + name)
+        return f"{hub.url}/{name}"
+    serve.requests = hub.requests
+    yield serve
+    hub.shutdown()
+    hub.server_close()
+
+
+def asked_for(server, name):
+    return [rng for n, rng in server.requests if n == "/" + name]
+
+
+def split_examples(folder, split):
+    """The token lists of a prepared split, with its prompt lengths or labels."""
+    arrays = load_split(folder, split)
+    offsets = arrays["offsets"]
+    tokens = [arrays["tokens"][offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+    return tokens, arrays.get("prompt_len", arrays.get("labels"))
+
+
+def meta_of(folder):
+    return json.loads((Path(folder) / "meta.json").read_text())
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+# ----------------------------------------------------------------------------- the prompt template
+
+def test_format_prompt_is_the_ch07_alpaca_template():
+    head = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\n")
+    assert format_prompt("Name a color.") == head + "Name a color.\n\n### Response:\n"
+    assert format_prompt("Translate.", "Hola") == head + "Translate.\n\n### Input:\nHola\n\n### Response:\n"
+    assert format_prompt("Translate.", "") == format_prompt("Translate.")
+    assert json.loads(json.dumps(ALPACA_TEMPLATE)) == ALPACA_TEMPLATE  # goes into meta.json and checkpoints
+
+
+# ----------------------------------------------------------------------------- instruction-data (1,100)
+
+@pytest.fixture(scope="module")
+def instruction_data(shared, server, tmp_path_factory):
+    url = server(shared / "instruction-data.json")
+    folder = prepare("instruction-data", tmp_path_factory.mktemp("data"), urls={"instruction-data": url})
+    return folder, url
+
+
+def test_instruction_data_is_split_935_55_110(instruction_data, shared):
+    folder, url = instruction_data
+    meta = meta_of(folder)
+    assert meta["splits"] == {"train": 935, "val": 55, "test": 110}
+    assert meta["kind"] == "instruction" and meta["source"] == url and meta["seed"] == 1337
+    assert meta["counts"]["read"] == meta["counts"]["examples"] == 1100 and meta["skipped"] == {}
+    assert meta["sha256"] == pp.sha256_of(shared / "instruction-data.json")
+    assert meta["template"] == ALPACA_TEMPLATE
+    assert set(meta["tokens"]) >= {"max", "mean", "p95"} and meta["tokens"]["max"] <= 1024
+    assert (folder / "instruction-data.json").read_bytes() == (shared / "instruction-data.json").read_bytes()
+
+
+def test_every_record_lands_in_exactly_one_split(instruction_data, shared):
+    folder, _ = instruction_data
+    original = json.loads((shared / "instruction-data.json").read_text())
+    prepared = [r for split in ("train", "val", "test") for r in load_records(folder, split)]
+    assert sorted(json.dumps(r, sort_keys=True) for r in prepared) == \
+        sorted(json.dumps(r, sort_keys=True) for r in original)
+
+
+def test_instruction_examples_are_prompt_then_response_then_endoftext(instruction_data, enc):
+    folder, _ = instruction_data
+    for split in ("train", "val", "test"):
+        tokens, prompt_lens = split_examples(folder, split)
+        for ids, prompt_len, record in zip(tokens, prompt_lens, load_records(folder, split)):
+            prompt = format_prompt(record["instruction"], record["input"])
+            assert ids[:prompt_len] == enc.encode_ordinary(prompt)
+            assert ids[prompt_len:-1] == enc.encode_ordinary(record["output"])
+            assert ids[-1] == EOT and EOT not in ids[:-1]
+            assert enc.decode(ids) == prompt + record["output"] + "<|endoftext|>"
+
+
+def test_split_arrays_are_memory_mapped_with_compact_dtypes(instruction_data):
+    folder, _ = instruction_data
+    arrays = load_split(folder, "train")
+    assert all(isinstance(a, np.memmap) for a in arrays.values())
+    assert arrays["tokens"].dtype == np.uint16 and arrays["offsets"].dtype == np.int64
+    assert arrays["prompt_len"].dtype == np.int32 and len(arrays["offsets"]) == 935 + 1
+    assert arrays["offsets"][-1] == len(arrays["tokens"])
+    with pytest.raises(ValueError, match="no 'dev' split"):
+        load_split(folder, "dev")
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        load_split(folder.parent, "train")
+
+
+def test_prepared_dataset_is_reused_without_network(instruction_data, server, capsys):
+    folder, url = instruction_data
+    before = len(server.requests)
+    assert prepare("instruction-data", folder.parent, urls={"instruction-data": url}) == folder
+    assert prepare("instruction-data", folder.parent, seed=7, urls={"instruction-data": url}) == folder
+    assert len(server.requests) == before
+    assert "prepared with seed=1337 (not 7)" in capsys.readouterr().out
+
+
+def test_alpaca_200_parses(shared, tmp_path):
+    folder = prepare("alpaca", tmp_path, urls={"alpaca": str(shared / "alpaca_200.json")})
+    meta = meta_of(folder)
+    assert meta["counts"]["read"] == 200 and meta["skipped"] == {}
+    assert meta["splits"] == {"train": 170, "val": 10, "test": 20}
+    assert not list(folder.glob("*.json*.part")) and meta["source"] == str(shared / "alpaca_200.json")
+
+
+# ----------------------------------------------------------------------------- spam
+
+@pytest.fixture(scope="module")
+def spam(shared, server, tmp_path_factory):
+    url = server(shared / "sms_spam_collection.zip", name="sms+spam+collection.zip", truncate=True)
+    folder = prepare("spam", tmp_path_factory.mktemp("data"), urls={"spam": url})
+    return folder
+
+
+def test_truncated_dataset_download_is_resumed_and_verified(spam, server, shared):
+    first, second = asked_for(server, "sms+spam+collection.zip")  # the first answer broke off halfway
+    size = (shared / "sms_spam_collection.zip").stat().st_size
+    assert first is None and 0 < int(second.removeprefix("bytes=").rstrip("-")) <= size // 2  # resumed
+    assert (spam / "sms+spam+collection.zip").read_bytes() == (shared / "sms_spam_collection.zip").read_bytes()
+    assert meta_of(spam)["sha256"] == pp.KNOWN_SHA256[pp.spam_url]  # the real UCI file
+
+
+def test_spam_splits_are_balanced_and_seeded(spam):
+    meta = meta_of(spam)
+    assert meta["kind"] == "classification" and meta["labels"] == ["ham", "spam"]
+    assert meta["counts"]["read"] == 5574  # no line swallowed by a quote at the start of a message
+    assert meta["counts"]["per_label"] == {"ham": 4827, "spam": 747} and meta["counts"]["balanced"] == 1494
+    assert meta["splits"] == {"train": 1045, "val": 149, "test": 300}
+    labels = np.concatenate([load_split(spam, s)["labels"] for s in ("train", "val", "test")])
+    assert np.bincount(labels).tolist() == [747, 747]
+    records = [r for s in ("train", "val", "test") for r in load_records(spam, s)]
+    assert sum(r["label"] == "spam" for r in records) == 747
+    assert any(r["text"].startswith('"') for r in records) and all("\n" not in r["text"] for r in records)
+
+
+def test_spam_same_seed_same_output_other_seed_differs(spam, shared, tmp_path):
+    local = {"spam": str(shared / "sms_spam_collection.zip")}
+    again = prepare("spam", tmp_path / "again", urls=local)
+    other = prepare("spam", tmp_path / "other", seed=7, urls=local)
+    for key in ("tokens", "offsets", "labels"):
+        assert np.array_equal(load_split(spam, "train")[key], load_split(again, "train")[key])
+    assert not np.array_equal(load_split(spam, "train")["tokens"], load_split(other, "train")["tokens"])
+    assert meta_of(other)["splits"] == meta_of(spam)["splits"]
+
+
+def test_wrong_checksum_of_a_known_file_is_refused(shared, server, tmp_path, monkeypatch):
+    url = server(shared / "sms_spam_collection.zip", name="checked.zip")
+    monkeypatch.setitem(pp.KNOWN_SHA256, url, "0" * 64)
+    with pytest.raises(load_gpt2.DownloadError, match="corrupt"):
+        prepare("spam", tmp_path, urls={"spam": url})
+    assert not (tmp_path / "spam" / "meta.json").exists()
+
+
+# ----------------------------------------------------------------------------- medquad
+
+@pytest.fixture(scope="module")
+def medquad(shared, server, tmp_path_factory):
+    url = server(shared / "MedQuAD-master.zip", name="master.zip")
+    return prepare("medquad", tmp_path_factory.mktemp("data"), urls={"medquad": url})
+
+
+def test_medquad_counts_are_reported(medquad):
+    meta = meta_of(medquad)
+    counts, skipped = meta["counts"], meta["skipped"]
+    assert counts["xml_files"] == 11274 and counts["pairs"] == 47441
+    assert counts["non_empty"] == 16407  # answers removed upstream for copyright leave 16,407 of 47,441
+    assert skipped["empty answer"] == 47441 - 16407
+    assert counts["duplicates"] == skipped["duplicate"] == 48
+    too_long = skipped.get("longer than max_length=1024", 0)
+    assert counts["examples"] == 16407 - 48 - too_long == sum(meta["splits"].values())
+    assert "unsafe member name" not in skipped and "XML declares a DTD (refused)" not in skipped
+
+
+def test_medquad_records_are_clean_alpaca_and_unique(medquad):
+    records = load_records(medquad, "train")
+    assert all(r["input"] == "" and r["instruction"] and r["output"] for r in records)
+    assert all("  " not in r["output"] and r["output"] == r["output"].strip() for r in records)
+    assert len({(r["instruction"], r["output"]) for r in records}) == len(records)
+
+
+def test_medquad_kaggle_csv_is_accepted(tmp_path):
+    csv_file = tmp_path / "medquad.csv"
+    csv_file.write_text('question,answer,source,focus_area\n'
+                        '"What is A?","A is\n  a thing,  with commas.",GARD,A\n'
+                        'What is B?,,GARD,B\n'
+                        '"What is A?","A is a thing,  with commas.",GARD,A\n'
+                        'What is C?,C is rare.,NIDDK,C\n')
+    meta = meta_of(prepare("medquad", tmp_path / "data", urls={"medquad": str(csv_file)}))
+    assert meta["counts"]["pairs"] == 4 and meta["counts"]["non_empty"] == 3
+    assert meta["counts"]["duplicates"] == 0 and meta["counts"]["examples"] == 3  # a line break is kept
+    assert meta["skipped"] == {"empty answer": 1}
+
+
+def qa_xml(question, answer, doctype=""):
+    return (f'<?xml version="1.0" encoding="UTF-8"?>{doctype}<Document><QAPairs><QAPair pid="1">'
+            f'<Question qid="1">{question}</Question><Answer>{answer}</Answer></QAPair></QAPairs></Document>')
+
+
+def test_medquad_zip_refuses_unsafe_members_and_dtds(tmp_path):
+    bomb = '<!DOCTYPE d [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+    archive = tmp_path / "master.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("MedQuAD-master/1_A/ok.xml", qa_xml("What is safe?", "Safe  is\n\n fine."))
+        z.writestr("../evil.xml", qa_xml("Evil?", "Escaped."))
+        z.writestr("/abs.xml", qa_xml("Absolute?", "Escaped."))
+        z.writestr("MedQuAD-master/../../evil2.xml", qa_xml("Evil too?", "Escaped."))
+        z.writestr("MedQuAD-master/2_B/bomb.xml", qa_xml("Bomb?", "&b;", doctype=bomb))
+    folder = prepare("medquad", tmp_path / "data", urls={"medquad": str(archive)})
+    meta = meta_of(folder)
+    assert meta["skipped"] == {"unsafe member name": 3, "XML declares a DTD (refused)": 1}
+    assert meta["counts"]["pairs"] == 1
+    records = [r for s in ("train", "val", "test") for r in load_records(folder, s)]
+    assert records == [{"instruction": "What is safe?", "input": "", "output": "Safe is\nfine."}]
+    assert not list(tmp_path.rglob("*.xml")) and not (tmp_path.parent / "evil.xml").exists()  # none extracted
+
+
+def test_oversized_zip_member_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(pp, "MAX_MEMBER_BYTES", 1000)
+    archive = tmp_path / "master.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("MedQuAD-master/big.xml", qa_xml("Big?", "x" * 100_000))  # deflates to far under 1000
+    with pytest.raises(ValueError, match="no valid record .*member larger than 1,000 bytes"):
+        prepare("medquad", tmp_path / "data", urls={"medquad": str(archive)})
+
+
+def test_a_file_that_is_not_a_zip_is_a_clear_error(tmp_path):
+    archive = tmp_path / "master.zip"
+    archive.write_bytes(b"PK\x03\x04 this is only the start of a zip")
+    with pytest.raises(ValueError, match="not a readable zip file"):
+        prepare("medquad", tmp_path / "data", urls={"medquad": str(archive)})
+
+
+# ----------------------------------------------------------------------------- files of your own
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+
+
+def test_malformed_json_records_are_skipped_and_counted(tmp_path, capsys):
+    records = [GOOD, {**GOOD, "input": "to Bob"}, GOOD, "a string", {"instruction": "No output."},
+               {**GOOD, "input": 3}, {**GOOD, "output": "  "}, {**GOOD, "output": "\ud800"}]
+    for n in range(5):
+        records.append({"instruction": f"Missing output {n}"})
+    folder = prepare(str(write_json(tmp_path / "mine.json", records)), tmp_path / "data")
+    meta = meta_of(folder)
+    assert meta["counts"]["read"] == 13 and meta["counts"]["examples"] == 3
+    assert meta["skipped"] == {"not a JSON object": 1, "no instruction or no output": 6,
+                               "a field is not a string": 1, "empty instruction or output": 1,
+                               "lone surrogate": 1}
+    out = capsys.readouterr().out
+    assert out.count("skipped (no instruction or no output)") == 3  # the first few shown, not all six
+    assert "Missing output 1" in out and "Missing output 4" not in out
+
+
+def test_malformed_jsonl_lines_are_skipped_and_counted(tmp_path, server):
+    lines = [json.dumps(GOOD), "{not json", "", json.dumps({**GOOD, "instruction": "Say bye."}), '{"a": 1']
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines) + "\n")
+    url = server(tmp_path / "mine.jsonl", name="own/mine.jsonl")
+    folder = prepare(url, tmp_path / "data")  # a URL of your own: NAME is the file's stem
+    meta = meta_of(folder)
+    assert folder == tmp_path / "data" / "mine" and (folder / "mine.jsonl").exists() and meta["source"] == url
+    assert meta["counts"]["read"] == 4 and meta["counts"]["examples"] == 2
+    assert meta["skipped"] == {"not JSON": 2}
+    assert sum(len(load_records(folder, s)) for s in ("train", "val", "test")) == 2  # val gets the one left
+
+
+def test_files_with_nothing_usable_are_clear_errors(tmp_path):
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        prepare(str(tmp_path / "empty.json"), tmp_path / "data")
+    with pytest.raises(ValueError, match="no valid record"):
+        prepare(str(write_json(tmp_path / "bad.json", [{"instruction": "x"}, 5])), tmp_path / "data")
+    (tmp_path / "broken.json").write_text('[{"instruction": "x", "output": "y"')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        prepare(str(tmp_path / "broken.json"), tmp_path / "data")
+    with pytest.raises(ValueError, match="not a list"):
+        prepare(str(write_json(tmp_path / "object.json", GOOD)), tmp_path / "data")
+    assert not list((tmp_path / "data").glob("*/meta.json"))
+
+
+def test_unknown_dataset_and_missing_file_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'shakespeare'.*alpaca, instruction-data"):
+        prepare("shakespeare", tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(str(tmp_path / "nowhere.jsonl"), tmp_path)
+    with pytest.raises(ValueError, match="built-in dataset 'spam'"):
+        prepare(str(tmp_path / "spam.csv"), tmp_path)
+
+
+def test_literal_endoftext_in_data_stays_plain_text(tmp_path):
+    record = {"instruction": "Quote <|endoftext|>.", "input": "", "output": "It is <|endoftext|>."}
+    folder = prepare(str(write_json(tmp_path / "special.json", [record] * 10)), tmp_path / "data")
+    for split in ("train", "val", "test"):
+        for ids in split_examples(folder, split)[0]:
+            assert ids.count(EOT) == 1 and ids[-1] == EOT
+
+
+def test_long_examples_are_dropped_or_truncated(tmp_path):
+    long_output = {"instruction": "Count.", "input": "", "output": " one" * 100}
+    long_prompt = {"instruction": "Count" + " to ten" * 100, "input": "", "output": "No."}
+    path = write_json(tmp_path / "long.json", [GOOD] * 9 + [long_output, long_prompt])
+    dropped = meta_of(prepare(str(path), tmp_path / "dropped", max_length=64))
+    assert dropped["skipped"] == {"longer than max_length=64": 2} and dropped["counts"]["examples"] == 9
+    cut = prepare(str(path), tmp_path / "cut", max_length=64, truncate=True)
+    meta = meta_of(cut)
+    assert meta["skipped"] == {"longer than max_length=64": 1}  # cut inside its prompt: nothing left to learn
+    assert meta["counts"]["truncated"] == 1 and meta["tokens"]["max"] == 64
+    lengths = [len(ids) for s in ("train", "val", "test") for ids in split_examples(cut, s)[0]]
+    assert sorted(lengths)[-1] == 64 and len(lengths) == 10
+
+
+def test_classification_csv_and_tsv_of_your_own(tmp_path):
+    (tmp_path / "reviews.csv").write_text('Label,Text\npos,"Great, really great."\nneg,"Bad\nvery bad"\n'
+                                          'neg,Meh\nbroken row\npos,\n')
+    meta = meta_of(prepare(str(tmp_path / "reviews.csv"), tmp_path / "data"))
+    assert meta["labels"] == ["neg", "pos"] and meta["counts"]["read"] == 5 and meta["counts"]["examples"] == 3
+    assert meta["skipped"] == {"not 2 columns": 1, "empty label or text": 1}
+    (tmp_path / "moods.tsv").write_text("label\ttext\nhappy\t\"Yay\tyay\nsad\tOh no\n")
+    folder = prepare(str(tmp_path / "moods.tsv"), tmp_path / "data")
+    records = [r for s in ("train", "val", "test") for r in load_records(folder, s)]
+    assert sorted(r["text"] for r in records) == ['"Yay\tyay', "Oh no"]  # extra tabs stay in the text
+
+
+def test_text_file_is_one_token_stream_split_90_10(tmp_path, enc):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\n\tSpeak, speak.\n\n\n" * 200
+    (tmp_path / "tiny.txt").write_text(text)
+    folder = prepare(str(tmp_path / "tiny.txt"), tmp_path / "data")
+    meta = meta_of(folder)
+    train, val = (load_split(folder, s)["tokens"].tolist() for s in ("train", "val"))
+    assert meta["kind"] == "text" and train + val == enc.encode_ordinary(text)  # exactly the whole-text ids
+    assert len(train) == int(0.9 * len(train + val)) and meta["splits"] == {"train": len(train), "val": len(val)}
+
+
+# ----------------------------------------------------------------------------- never half a dataset
+
+def test_interrupted_prepare_leaves_no_half_dataset(shared, server, tmp_path, monkeypatch):
+    url = server(shared / "instruction-data.json", name="interrupted/instruction-data.json")
+    write_split, calls = pp.write_split, []
+
+    def crash_on_second_split(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_split(*args)
+    monkeypatch.setattr(pp, "write_split", crash_on_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("instruction-data", tmp_path, urls={"instruction-data": url})
+    folder = tmp_path / "instruction-data"
+    assert sorted(p.name for p in folder.iterdir()) == ["instruction-data.json"]  # the raw download only
+    monkeypatch.setattr(pp, "write_split", write_split)
+    prepare("instruction-data", tmp_path, urls={"instruction-data": url})
+    assert meta_of(folder)["splits"] == {"train": 935, "val": 55, "test": 110}
+    assert len(asked_for(server, "interrupted/instruction-data.json")) == 1  # downloaded once
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_command_line_prepares_and_reports_errors_for_people(shared, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "prepare.py", *args, f"--data_dir={tmp_path}"], cwd=HERE,
+                              capture_output=True, text=True, timeout=120)
+    ok = run("--dataset=instruction-data", f"--instruction_data_url={shared / 'instruction-data.json'}")
+    assert ok.returncode == 0, ok.stderr
+    assert "train 935, val 55, test 110" in ok.stdout and "examples/s" in ok.stdout
+    bad = run(f"--dataset={tmp_path / 'missing.json'}")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "missing.json does not exist" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- finetune.py
+
+
+
+
+def test_collate_pads_with_eot_keeps_first_eot_and_masks_prompt():
+    examples = [([1, 2, 3, 4, 50256], 3), ([5, 6, 50256], 2)]
+    x, y = collate(examples)
+    assert x.tolist() == [[1, 2, 3, 4], [5, 6, 50256, 50256]]
+    assert y.tolist() == [[2, 3, 4, 50256], [6, 50256, IGNORE, IGNORE]]
+    x, y = collate(examples, mask_prompt=True)
+    assert y.tolist() == [[IGNORE, IGNORE, 4, 50256], [IGNORE, 50256, IGNORE, IGNORE]]
+
+
+def test_length_grouping_covers_every_example_once_and_pads_less():
+    lengths = np.random.default_rng(0).integers(20, 300, size=1000)
+    batches = length_grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert batches == length_grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert batches != length_grouped_batches(lengths, 8, seed=1, epoch=1)
+    shuffled = np.array_split(np.random.default_rng(1).permutation(1000), 125)
+    assert padding_fraction(batches, lengths) < 0.05 < 0.3 < padding_fraction(shuffled, lengths)
+
+
+def test_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_atomic({"iter_num": 1}, path)
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_atomic({"iter_num": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"iter_num": 1}
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    """A folder with a tiny GPT-2 (vocab 50257, context 256) and an Alpaca-format file of the real
+    instruction data, and a function that runs finetune.py there."""
+    if not SHARED_DATA:
+        pytest.skip("NANOFT_SHARED_DATA is not set: these tests train on the real instruction-data.json")
+    root = tmp_path_factory.mktemp("finetune")
+    reference_model(n_positions=256).save_pretrained(root / "tiny")
+    (root / "instructions.json").write_bytes((Path(SHARED_DATA) / "instruction-data.json").read_bytes())
+
+    def run(*args, launcher=(sys.executable,), check=True, **kwargs):
+        cmd = [*launcher, str(HERE / "finetune.py"), f"--model={root / 'tiny'}", f"--dataset={root / 'instructions.json'}",
+               "--test_responses=False", "--eval_prompts=1", "--max_new_tokens=8", "--log_interval=1", *args]
+        result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, **kwargs)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+    run.root = root
+    return run
+
+
+def logged(path, key="loss"):
+    return {r["iter"]: r[key] for r in map(json.loads, Path(path).read_text().splitlines()) if key in r}
+
+
+def test_finetune_loss_decreases_on_real_instructions(finetune_run):
+    finetune_run("--max_iters=40", "--eval_interval=40", "--lr=2e-3", "--out_dir=out/learn", "--test_responses=True",
+                 "--max_new_tokens=4")
+    out = finetune_run.root / "out" / "learn"
+    losses = logged(out / "log.jsonl")
+    assert np.mean([losses[i] for i in range(36, 41)]) < np.mean([losses[i] for i in range(1, 6)]) - 1.0
+    assert logged(out / "log.jsonl", "val_loss")[40] < losses[1]
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert len(responses) == 110 and set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 40 and "### Response:" in ckpt["template"]["prompt"]
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert load(out / "best.pt").config.block_size == 256
+
+
+def test_sigint_saves_and_resume_continues_exactly(finetune_run):
+    common = ["--max_iters=8", "--eval_interval=4", "--dtype=float32", "--dropout=0.1", "--lr=1e-3"]
+    finetune_run(*common, "--out_dir=out/straight")
+    proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), f"--model={finetune_run.root / 'tiny'}",
+                             f"--dataset={finetune_run.root / 'instructions.json'}", "--test_responses=False",
+                             "--eval_prompts=0", "--log_interval=1", *common, "--out_dir=out/stopped"],
+                            cwd=finetune_run.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 2/8"):
+            proc.send_signal(2)  # SIGINT, as Ctrl-C sends
+            break
+    rest = proc.stdout.read()
+    assert proc.wait() == 130 and "continue with --resume=True" in rest
+    stopped_at = torch.load(finetune_run.root / "out/stopped/ckpt.pt", weights_only=True)["iter_num"]
+    assert 2 <= stopped_at < 8
+    finetune_run(*common, "--out_dir=out/stopped", "--resume=True")
+    straight = logged(finetune_run.root / "out/straight/log.jsonl")
+    resumed = logged(finetune_run.root / "out/stopped/log.jsonl")
+    assert list(resumed) == list(range(1, 9)) and resumed == straight  # bit for bit on CPU fp32
+
+
+def test_ddp_on_two_processes_equals_one_process(finetune_run):
+    common = ["--max_iters=3", "--eval_interval=3", "--dtype=float32", "--batch_size=4", "--eval_prompts=0"]
+    finetune_run(*common, "--grad_accum=2", "--out_dir=out/one")
+    finetune_run(*common, "--grad_accum=1", "--out_dir=out/two",
+                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"))
+    one, two = (logged(finetune_run.root / f"out/{d}/log.jsonl") for d in ("one", "two"))
+    assert list(one) == list(two) == [1, 2, 3]
+    assert all(abs(one[i] - two[i]) < 1e-5 for i in one)
+    val_one, val_two = (logged(finetune_run.root / f"out/{d}/log.jsonl", "val_loss")[3] for d in ("one", "two"))
+    assert abs(val_one - val_two) < 1e-5
+
+
+def test_nan_loss_stops_with_a_message(finetune_run):
+    result = finetune_run("--max_iters=5", "--lr=1e30", "--out_dir=out/nan", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the loss became nan at iteration" in result.stderr and "lower lr" in result.stderr
+    assert not (finetune_run.root / "out/nan/ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=0"], "batch_size=0 must be at least 1"),
+    (["--lr=-1"], "lr=-1.0 must not be negative"),
+    (["--learning_rate=1"], "unknown config key 'learning_rate'"),
+    (["--dataset=/nonexistent/data.json"], "/nonexistent/data.json"),
+    (["--resume=True", "--out_dir=out/none"], "no checkpoint at out/none/ckpt.pt"),
+])
+def test_finetune_rejects_bad_settings_in_one_line(finetune_run, args, message):
+    result = finetune_run(*args, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr
