@@ -7,6 +7,7 @@ evaluates (val loss and sample answers), and leaves a checkpoint that sample.py 
     torchrun --nproc_per_node=4 finetune.py ...                         # DDP on 4 GPUs
 """
 
+import ctypes
 import json
 import math
 import os
@@ -125,6 +126,23 @@ class Split:
 
 
 # ----------------------------------------------------------------------------- machinery (also used by classify.py)
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 32 MB is a fresh mmap, and a training step frees and re-allocates GBs of
+    them (logits alone are 200 MB at 4 x 256 tokens), so each step page-faults all of that memory in again:
+    copying a 200 MB tensor took 100 ms instead of 15 ms here. tcmalloc fixes the same thing.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: large blocks come from the heap, so they can be reused
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass
+
 
 def pick_device(name):
     if name != "auto":
@@ -320,6 +338,7 @@ def main(config):
     problems = check_settings(config)
     if problems:
         fail("; ".join(problems))
+    keep_freed_memory()
     rank, world, ddp = setup_distributed()
     master = rank == 0
     dev = pick_device(device)
@@ -366,7 +385,7 @@ def main(config):
         raw = load_gpt2(ckpt_path if resume else model, device=dev, dropout=dropout)
     except Exception as e:  # downloads, hostile or mismatched files: all explained in the message
         fail(f"could not load model '{ckpt_path if resume else model}': {e}")
-    ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True) if resume else None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True) if resume else None
     raw.grad_checkpoint = grad_checkpoint
     raw.train()
     optimizer = make_optimizer(raw, lr, weight_decay, (beta1, beta2), device_type)
@@ -394,8 +413,8 @@ def main(config):
         shuffled = np.array_split(np.random.default_rng(seed).permutation(len(train)), len(grouped))
         out.mkdir(parents=True, exist_ok=True)
         if resume and (out / "log.jsonl").exists():
-            log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
-                   if json.loads(line)["iter"] <= start_iter]
+            log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                   if r["iter"] <= start_iter]  # drop what was logged after the checkpoint
         print(f"{raw.num_params() / 1e6:.1f}M parameters on {dev}, autocast {amp_dtype}, {world} process(es); "
               f"{len(train)} train / {len(val)} val / {len(test)} test examples; {total_iters} iterations of "
               f"{batch_size * accum * world} examples; padding is {padding_fraction(grouped, train.lengths):.1%} "
@@ -450,7 +469,7 @@ def main(config):
         optimizer.zero_grad(set_to_none=True)
         it += 1
 
-        if master and (it % log_interval == 0 or it == total_iters):
+        if master and (it % log_interval == 0 or it in (start_iter + 1, total_iters)):  # the first at once
             now = time.time()
             dt = (now - t_last) / (it - last_logged)
             dt_avg = dt if dt_avg is None else 0.7 * dt_avg + 0.3 * dt

@@ -939,7 +939,8 @@ def finetune_run(tmp_path_factory):
 
     def run(*args, launcher=(sys.executable,), check=True, **kwargs):
         cmd = [*launcher, str(HERE / "finetune.py"), f"--model={root / 'tiny'}", f"--dataset={root / 'instructions.json'}",
-               "--test_responses=False", "--eval_prompts=1", "--max_new_tokens=8", "--log_interval=1", *args]
+               "--test_responses=False", "--eval_prompts=1", "--max_new_tokens=8", "--log_interval=1",
+               "--eval_iters=2", *args]
         result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, **kwargs)
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
@@ -972,7 +973,8 @@ def test_sigint_saves_and_resume_continues_exactly(finetune_run):
     finetune_run(*common, "--out_dir=out/straight")
     proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), f"--model={finetune_run.root / 'tiny'}",
                              f"--dataset={finetune_run.root / 'instructions.json'}", "--test_responses=False",
-                             "--eval_prompts=0", "--log_interval=1", *common, "--out_dir=out/stopped"],
+                             "--eval_prompts=0", "--log_interval=1", "--eval_iters=2", *common,
+                             "--out_dir=out/stopped"],
                             cwd=finetune_run.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("iter 2/8"):
