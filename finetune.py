@@ -174,6 +174,26 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), True
 
 
+def prepare_once(dataset, ddp, master, **kwargs):
+    """prepare.prepare(dataset, **kwargs) on rank 0 (download, tokenize) while the other processes wait;
+    then every process reads the same folder."""
+    from prepare import prepare
+    folder = prepare(dataset, **kwargs) if master else None
+    if ddp:
+        dist.barrier()
+    return folder or prepare(dataset, **kwargs)
+
+
+def check_machinery(c):
+    """The problems with the settings every training script shares (dropout, dtype, compile)."""
+    problems = [] if 0 <= c["dropout"] < 1 else [f"dropout={c['dropout']} must be in [0, 1)"]
+    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dtype='{c['dtype']}' must be auto, float32, bfloat16 or float16")
+    if str(c["compile"]).lower() not in ("auto", "true", "false", "1", "0"):
+        problems.append(f"compile='{c['compile']}' must be auto, True or False")
+    return problems
+
+
 def make_optimizer(model, lr, weight_decay, betas, device_type):
     # the fused AdamW is one kernel for all parameters: ~5x faster than the default on CPU too
     fused = device_type in ("cuda", "cpu", "mps")
@@ -314,13 +334,7 @@ def check_settings(config):
                                                              "global_batch_size") if c[k] < 0]
     if c["max_iters"] == 0 and c["epochs"] < 1:
         problems.append(f"epochs={c['epochs']} must be at least 1 (or set max_iters)")
-    if not 0 <= c["dropout"] < 1:
-        problems.append(f"dropout={c['dropout']} must be in [0, 1)")
-    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        problems.append(f"dtype='{c['dtype']}' must be auto, float32, bfloat16 or float16")
-    if str(c["compile"]).lower() not in ("auto", "true", "false", "1", "0"):
-        problems.append(f"compile='{c['compile']}' must be auto, True or False")
-    return problems
+    return problems + check_machinery(c)
 
 
 def resolve_compile(value, device_type):
@@ -332,7 +346,6 @@ def main(config):
     from configurator import fail
     from load_gpt2 import DownloadError, load_gpt2
     from model import PRESETS
-    from prepare import prepare
     import tiktoken
 
     problems = check_settings(config)
@@ -357,12 +370,7 @@ def main(config):
 
     # data: rank 0 prepares (downloads, tokenizes) while the others wait, then all read the same files
     try:
-        if master:
-            folder = prepare(dataset, data_dir=data_dir, seed=seed, max_length=max_length)
-        if ddp:
-            dist.barrier()
-        if not master:
-            folder = prepare(dataset, data_dir=data_dir, seed=seed, max_length=max_length)
+        folder = prepare_once(dataset, ddp, master, data_dir=data_dir, seed=seed, max_length=max_length)
     except (ValueError, OSError, DownloadError) as e:
         fail(f"dataset '{dataset}': {e}")
     meta = json.loads((folder / "meta.json").read_text())

@@ -369,6 +369,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0):
                          f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanoFT checkpoint (expected the keys 'model' and 'model_config')")
+    if ckpt.get("kind") == "classifier":  # gpt.* and head.* weights: a GPT-2 with no language-model head
+        raise ValueError(f"{path} is a text classifier ({', '.join(map(str, ckpt.get('labels', [])))}) written by "
+                         f"classify.py, not a language model: use it with python classify.py --model={path} --text=...")
     config = GPTConfig(**ckpt["model_config"])
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # from a compiled model
     state.pop("lm_head.weight", None)

@@ -21,8 +21,9 @@ import torch
 
 import load_gpt2
 import prepare as pp
+from classify import Classifier, LabelledSplit, collate_labelled, freeze, load_classifier, pool, read_checkpoint
 from configurator import configure
-from finetune import IGNORE, collate, length_grouped_batches, padding_fraction, save_atomic
+from finetune import IGNORE, collate, length_grouped_batches, make_optimizer, padding_fraction, save_atomic
 from load_gpt2 import DownloadError, export_hf, load_gpt2 as load, read_safetensors, write_safetensors
 from model import GPT, GPTConfig
 from prepare import ALPACA_TEMPLATE, format_prompt, load_records, load_split, prepare
@@ -1020,3 +1021,245 @@ def test_finetune_rejects_bad_settings_in_one_line(finetune_run, args, message):
     result = finetune_run(*args, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+# ----------------------------------------------------------------------------- classify.py
+
+def small_classifier(pooling="last_real"):
+    torch.manual_seed(0)
+    return Classifier(GPT(GPTConfig(block_size=64, n_layer=3, n_head=2, n_embd=32)), 3, pooling).eval()
+
+
+# ----------------------------------------------------------------------------- batching and pooling
+
+def test_collate_pads_right_with_eot_and_cuts_to_the_context():
+    idx, lengths, labels = collate_labelled([([1, 2, 3], 1), ([4], 0), ([5, 6, 7, 8, 9], 2)], max_len=4)
+    assert idx.tolist() == [[1, 2, 3, EOT], [4, EOT, EOT, EOT], [5, 6, 7, 8]]  # longest of the batch, not 1024
+    assert lengths.tolist() == [3, 1, 4] and labels.tolist() == [1, 0, 2]
+
+
+def test_pooling_picks_the_last_real_token_or_the_last_position():
+    hidden = torch.arange(10.0).view(2, 5, 1).expand(2, 5, 3)  # hidden[b, t] = 5b + t
+    lengths = torch.tensor([3, 5])
+    assert pool(hidden, lengths, "last_real")[:, 0].tolist() == [2, 9]
+    assert pool(hidden, lengths, "last")[:, 0].tolist() == [4, 9]
+
+
+@torch.no_grad()
+def test_last_real_pooling_ignores_padding_last_pooling_does_not():
+    alone = torch.tensor([[11, 12, 13]])
+    padded, lengths, _ = collate_labelled([([11, 12, 13], 0), ([1, 2, 3, 4, 5, 6], 0)], max_len=64)
+    real, last = small_classifier("last_real"), small_classifier("last")
+    assert torch.allclose(real(padded, lengths)[0][0], real(alone, torch.tensor([3]))[0][0], atol=1e-6)
+    assert not torch.allclose(last(padded, lengths)[0][0], last(alone, torch.tensor([3]))[0][0], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- what is trained
+
+def n_params(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("trainable", ["head", "last", "0", "2", "all"])
+def test_trainable_modes_freeze_exactly_what_they_say(trainable):
+    clf = small_classifier()
+    gpt = clf.gpt
+    expected = {"head": n_params(clf.head), "last": n_params(clf.head, gpt.ln_f, gpt.h[-1]),
+                "0": n_params(clf.head, gpt.ln_f), "2": n_params(clf.head, gpt.ln_f, gpt.h[-2], gpt.h[-1]),
+                "all": n_params(clf)}[trainable]
+    n_trainable, n_total = freeze(clf, trainable)
+    assert n_trainable == expected == sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    assert n_total == n_params(clf)  # the tied lm_head / wte counted once
+    groups = make_optimizer(clf, 1e-3, 0.1, (0.9, 0.999), "cpu").param_groups
+    assert sum(p.numel() for g in groups for p in g["params"]) == expected
+    assert gpt.wte.weight.requires_grad == (trainable == "all") == gpt.h[0].attn.c_attn.weight.requires_grad
+
+
+def test_trainable_last_on_gpt2_is_the_books_7_1m_of_124m():
+    with torch.device("meta"):  # shapes only
+        clf = Classifier(GPT(GPTConfig.from_name("gpt2")), 2)
+    assert freeze(clf, "last") == (7_090_946, 124_441_346)  # last block + ln_f + 768 x 2 head
+
+
+# ----------------------------------------------------------------------------- the script on real data
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    """A folder with a tiny GPT-2 and the real spam data prepared in data/spam, and a function that runs
+    classify.py there."""
+    if not SHARED_DATA:
+        pytest.skip("NANOFT_SHARED_DATA is not set: these tests train on the real SMS Spam Collection")
+    root = tmp_path_factory.mktemp("classify")
+    reference_model(n_positions=256).save_pretrained(root / "tiny")
+    prepare("spam", root / "data", urls={"spam": str(Path(SHARED_DATA).resolve() / "sms_spam_collection.zip")})
+
+    def run(*args, launcher=(sys.executable,), check=True):
+        cmd = [*launcher, str(HERE / "classify.py"), f"--model={root / 'tiny'}", "--dtype=float32", *args]
+        result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+    run.root = root
+    return run
+
+
+@pytest.fixture(scope="module")
+def fitted(classify_run):
+    """32 real training messages learned by the whole tiny model: (out folder, stdout)."""
+    result = classify_run("--train_subset=32", "--trainable=all", "--lr=1e-3", "--epochs=8", "--out_dir=out/fit")
+    return classify_run.root / "out" / "fit", result.stdout
+
+
+def epoch_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_pooling_positions_on_a_real_spam_batch(classify_run):
+    split = LabelledSplit(classify_run.root / "data" / "spam", "train")
+    examples = [split.example(i) for i in range(8)]
+    idx, lengths, labels = split.batch(range(8), max_len=256, device="cpu")
+    assert lengths.tolist() == [len(ids) for ids, _ in examples] and idx.size(1) == max(lengths) < 256
+    for row, (ids, label) in enumerate(examples):  # right padding: real tokens first, then <|endoftext|>
+        assert idx[row, :lengths[row]].tolist() == ids.tolist() and (idx[row, lengths[row]:] == EOT).all()
+        assert labels[row] == label
+    hidden = torch.arange(float(idx.size(1))).expand(8, -1)[..., None]  # hidden[b, t] = t
+    assert pool(hidden, lengths, "last_real")[:, 0].tolist() == [len(ids) - 1 for ids, _ in examples]
+    assert pool(hidden, lengths, "last")[:, 0].tolist() == [idx.size(1) - 1] * 8
+
+
+def test_small_training_subset_is_learned_to_100_percent(fitted):
+    out, stdout = fitted
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"]["train"] == 1.0
+    log = epoch_log(out)
+    assert [r["epoch"] for r in log] == list(range(1, 9)) and log[-1]["train_loss"] < log[0]["train_loss"] / 10
+    assert "3,333,058 trainable parameters of 3,333,058 (100%" in stdout and "accuracy: train 100.00%" in stdout
+    assert "epoch 8/8 | train loss" in stdout and "test confusion" in stdout
+
+
+def test_metrics_json_agrees_with_its_confusion_matrices(fitted):
+    metrics = json.loads((fitted[0] / "metrics.json").read_text())
+    assert metrics["labels"] == ["ham", "spam"]
+    for split, size in (("train", 32), ("val", 149), ("test", 300)):
+        confusion = np.array(metrics["confusion"][split])
+        assert confusion.shape == (2, 2) and confusion.sum() == size
+        assert metrics["accuracy"][split] == pytest.approx(np.trace(confusion) / size)
+    test = np.array(metrics["confusion"]["test"])  # rows = true label, columns = predicted
+    truth = np.bincount(load_split(fitted[0].parents[1] / "data" / "spam", "test")["labels"], minlength=2)
+    assert test.sum(axis=1).tolist() == truth.tolist()
+    for i, label in enumerate(metrics["labels"]):
+        m = metrics["per_class"][label]
+        precision, recall = test[i, i] / test[:, i].sum(), test[i, i] / test[i].sum()
+        assert m["precision"] == pytest.approx(precision) and m["recall"] == pytest.approx(recall)
+        assert m["f1"] == pytest.approx(2 * precision * recall / (precision + recall)) and m["support"] == truth[i]
+
+
+def test_a_csv_of_your_own_with_three_labels(classify_run):
+    rows = [f'{label},"{text} {i}"' for i in range(30) for label, text in
+            (("good", "I love it, really"), ("bad", "Terrible, never again"), ("so-so", "It was fine I guess"))]
+    (classify_run.root / "reviews.csv").write_text("label,text\n" + "\n".join(rows) + "\n")
+    classify_run("--dataset=reviews.csv", "--epochs=2", "--trainable=all", "--lr=1e-3", "--out_dir=out/reviews")
+    metrics = json.loads((classify_run.root / "out/reviews/metrics.json").read_text())
+    assert metrics["labels"] == ["bad", "good", "so-so"] and set(metrics["per_class"]) == {"bad", "good", "so-so"}
+    test_size = len(load_split(classify_run.root / "data" / "reviews", "test")["labels"])
+    assert np.array(metrics["confusion"]["test"]).shape == (3, 3) and np.sum(metrics["confusion"]["test"]) == test_size
+    assert read_checkpoint(classify_run.root / "out/reviews/ckpt.pt")["labels"] == ["bad", "good", "so-so"]
+
+
+def test_checkpoint_is_a_classifier_with_its_labels(fitted):
+    ckpt = read_checkpoint(fitted[0] / "ckpt.pt")
+    assert ckpt["kind"] == "classifier" and ckpt["labels"] == ["ham", "spam"] and ckpt["pooling"] == "last_real"
+    assert {"gpt.h.1.attn.c_attn.weight", "head.weight", "head.bias"} <= set(ckpt["model"])
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"]) and ckpt["config"]["trainable"] == "all"
+    assert load_classifier(ckpt).head.weight.shape == (2, 64)
+
+
+def test_predict_mode_prints_label_and_probability_per_line(fitted, classify_run):
+    out, root = fitted[0], classify_run.root
+    one = classify_run(f"--model={out / 'ckpt.pt'}", "--text=WINNER!! Claim your prize")
+    label, probability, message = one.stdout.rstrip("\n").split("\t")
+    assert label in ("ham", "spam") and 0.5 <= float(probability) <= 1 and message == "WINNER!! Claim your prize"
+    train = load_records(root / "data" / "spam", "train")[:32]  # learned to 100%: predicted as labelled
+    (root / "messages.txt").write_text("\n".join(r["text"] for r in train[:16]) + "\n\n" +
+                                       "\n".join(r["text"] for r in train[16:]) + "\n")
+    lines = classify_run(f"--model={out / 'ckpt.pt'}", f"--text=FILE:{root / 'messages.txt'}").stdout.splitlines()
+    assert [line.split("\t", 2)[2] for line in lines] == [r["text"] for r in train]  # the blank line skipped
+    assert [line.split("\t")[0] for line in lines] == [r["label"] for r in train]
+
+
+def test_a_checkpoint_that_is_not_a_classifier_is_rejected(classify_run):
+    root = classify_run.root
+    gpt = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    torch.save({"model": gpt.state_dict(), "model_config": vars(gpt.config)}, root / "finetuned.pt")
+    (root / "junk.pt").write_bytes(b"not a checkpoint")
+    for model, message in ((root / "finetuned.pt", "is a GPT-2 language model, not a classifier (an instruction"),
+                           (root / "tiny", "is a GPT-2 language model, not a classifier"),
+                           ("gpt2", "is a GPT-2 language model, not a classifier"),
+                           (root / "junk.pt", "is not a checkpoint this project can read"),
+                           (root / "missing.pt", "does not exist")):
+        result = classify_run(f"--model={model}", "--text=hello", check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trainable=some"], "trainable='some' must be head, last, all or a number of last blocks"),
+    (["--pooling=first"], "pooling='first' must be last_real or last"),
+    (["--trainable=7"], "trainable=7 but the model has 2 blocks"),
+    (["--resume=True", "--out_dir=out/none"], "no checkpoint at out/none/ckpt.pt"),
+])
+def test_bad_settings_are_rejected_in_one_line(classify_run, args, message):
+    result = classify_run(*args, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_instruction_dataset_is_refused(classify_run):
+    data = classify_run.root / "instructions.json"
+    data.write_bytes((Path(SHARED_DATA) / "instruction-data.json").read_bytes())
+    result = classify_run(f"--dataset={data}", check=False)
+    assert result.returncode == 2 and "is instruction data, not labelled examples" in result.stderr
+
+
+def test_nan_loss_stops_with_a_message(classify_run):
+    result = classify_run("--train_subset=32", "--lr=1e30", "--trainable=all", "--out_dir=out/nan", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the loss became nan at iteration" in result.stderr and "lower lr" in result.stderr
+    assert not (classify_run.root / "out/nan/ckpt.pt").exists()
+
+
+def test_sigint_saves_and_resume_continues_exactly(classify_run):
+    common = ["--train_subset=32", "--epochs=2", "--trainable=all", "--lr=1e-3", "--dropout=0.1", "--log_interval=1"]
+    classify_run(*common, "--out_dir=out/straight")
+    root = classify_run.root
+    proc = subprocess.Popen([sys.executable, str(HERE / "classify.py"), f"--model={root / 'tiny'}", "--dtype=float32",
+                             *common, "--out_dir=out/stopped"], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 2/8"):
+            proc.send_signal(2)  # SIGINT, as Ctrl-C sends
+            break
+    rest = proc.stdout.read()
+    assert proc.wait() == 130 and "continue with --resume=True" in rest
+    assert 2 <= torch.load(root / "out/stopped/ckpt.pt", weights_only=True)["iter_num"] < 8
+    classify_run(*common, "--out_dir=out/stopped", "--resume=True")
+    keys = ("iter", "train_loss", "train_acc", "val_loss", "val_acc")
+    straight, resumed = ([{k: r[k] for k in keys} for r in epoch_log(root / "out" / d)]
+                         for d in ("straight", "stopped"))
+    assert resumed == straight  # bit for bit on CPU fp32, dropout included
+    metrics = [json.loads((root / "out" / d / "metrics.json").read_text()) for d in ("straight", "stopped")]
+    assert metrics[0] == metrics[1]
+
+
+def test_ddp_on_two_processes_evaluates_like_one(classify_run):
+    common = ["--train_subset=32", "--epochs=1", "--lr=0.0", "--batch_size=4"]  # lr 0: the same model in both
+    classify_run(*common, "--out_dir=out/one")
+    classify_run(*common, "--out_dir=out/two",
+                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534"))
+    one, two = (json.loads((classify_run.root / "out" / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["confusion"] == two["confusion"] and one["accuracy"] == two["accuracy"]
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+
+
+def test_load_gpt2_says_a_classifier_is_not_a_language_model(fitted):
+    with pytest.raises(ValueError, match=r"is a text classifier \(ham, spam\) written by classify.py"):
+        load(fitted[0] / "ckpt.pt")
