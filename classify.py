@@ -430,6 +430,7 @@ def main(config):
         plot_accuracy(log, out / "accuracy.png")
         print(f"wrote {out / 'metrics.json'} and {out / 'ckpt.pt'}")
     if ddp:
+        dist.barrier()  # nobody tears the group down while another process still uses it
         dist.destroy_process_group()
 
 

@@ -513,6 +513,7 @@ def main(config):
             write_test_responses(raw, test, folder, out, max_new_tokens, dev, ctx, enc)
         plot_losses(log, out / "loss.png")
     if ddp:
+        dist.barrier()  # nobody tears the group down while another process still uses it
         dist.destroy_process_group()
 
 

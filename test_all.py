@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +55,13 @@ def tiny(tmp_path_factory):
     hf = reference_model()
     hf.save_pretrained(folder)
     return hf, folder
+
+
+def free_port():
+    """A TCP port nobody listens on now, for torchrun's rendezvous (a fixed one collides with other runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def max_logit_diff(hf, ours, idx):
@@ -969,7 +977,7 @@ def test_finetune_loss_decreases_on_real_instructions(finetune_run):
     assert load(out / "best.pt").config.block_size == 256
 
 
-def test_sigint_saves_and_resume_continues_exactly(finetune_run):
+def test_finetune_sigint_saves_and_resume_continues_exactly(finetune_run):
     common = ["--max_iters=8", "--eval_interval=4", "--dtype=float32", "--dropout=0.1", "--lr=1e-3"]
     finetune_run(*common, "--out_dir=out/straight")
     proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), f"--model={finetune_run.root / 'tiny'}",
@@ -995,7 +1003,7 @@ def test_ddp_on_two_processes_equals_one_process(finetune_run):
     common = ["--max_iters=3", "--eval_interval=3", "--dtype=float32", "--batch_size=4", "--eval_prompts=0"]
     finetune_run(*common, "--grad_accum=2", "--out_dir=out/one")
     finetune_run(*common, "--grad_accum=1", "--out_dir=out/two",
-                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"))
+                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"))
     one, two = (logged(finetune_run.root / f"out/{d}/log.jsonl") for d in ("one", "two"))
     assert list(one) == list(two) == [1, 2, 3]
     assert all(abs(one[i] - two[i]) < 1e-5 for i in one)
@@ -1003,7 +1011,7 @@ def test_ddp_on_two_processes_equals_one_process(finetune_run):
     assert abs(val_one - val_two) < 1e-5
 
 
-def test_nan_loss_stops_with_a_message(finetune_run):
+def test_finetune_nan_loss_stops_with_a_message(finetune_run):
     result = finetune_run("--max_iters=5", "--lr=1e30", "--out_dir=out/nan", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the loss became nan at iteration" in result.stderr and "lower lr" in result.stderr
@@ -1220,14 +1228,14 @@ def test_instruction_dataset_is_refused(classify_run):
     assert result.returncode == 2 and "is instruction data, not labelled examples" in result.stderr
 
 
-def test_nan_loss_stops_with_a_message(classify_run):
+def test_classifier_nan_loss_stops_with_a_message(classify_run):
     result = classify_run("--train_subset=32", "--lr=1e30", "--trainable=all", "--out_dir=out/nan", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the loss became nan at iteration" in result.stderr and "lower lr" in result.stderr
     assert not (classify_run.root / "out/nan/ckpt.pt").exists()
 
 
-def test_sigint_saves_and_resume_continues_exactly(classify_run):
+def test_classifier_sigint_saves_and_resume_continues_exactly(classify_run):
     common = ["--train_subset=32", "--epochs=2", "--trainable=all", "--lr=1e-3", "--dropout=0.1", "--log_interval=1"]
     classify_run(*common, "--out_dir=out/straight")
     root = classify_run.root
@@ -1254,7 +1262,7 @@ def test_ddp_on_two_processes_evaluates_like_one(classify_run):
     common = ["--train_subset=32", "--epochs=1", "--lr=0.0", "--batch_size=4"]  # lr 0: the same model in both
     classify_run(*common, "--out_dir=out/one")
     classify_run(*common, "--out_dir=out/two",
-                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534"))
+                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"))
     one, two = (json.loads((classify_run.root / "out" / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert one["confusion"] == two["confusion"] and one["accuracy"] == two["accuracy"]
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
