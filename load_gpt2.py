@@ -75,7 +75,7 @@ def download(url, dest, sha256=None, desc=None):
                 _ServerError) as e:
             if attempt == RETRIES - 1:
                 raise DownloadError(f"could not download {url} after {RETRIES} attempts ({e}); check your "
-                                    f"network (or HF_ENDPOINT) and run again: the {part.stat().st_size if part.exists() else 0} "
+                                    f"network (or the address) and run again: the {part.stat().st_size if part.exists() else 0} "
                                     f"bytes already fetched are kept in {part} and will be resumed") from None
             wait = BACKOFF * 2 ** attempt
             print(f"\n{desc}: {e.__class__.__name__} ({e}); retrying in {wait:.0f}s", file=sys.stderr)
