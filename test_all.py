@@ -6,6 +6,7 @@ Downloads are tested against a hub-like server on 127.0.0.1. Run: python -m pyte
 
 import hashlib
 import http.server
+import io
 import json
 import os
 import socket
@@ -26,8 +27,9 @@ from classify import Classifier, LabelledSplit, collate_labelled, freeze, load_c
 from configurator import configure
 from finetune import IGNORE, collate, length_grouped_batches, make_optimizer, padding_fraction, save_atomic
 from load_gpt2 import DownloadError, export_hf, load_gpt2 as load, read_safetensors, write_safetensors
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Int8Linear, RowsLinear, filter_logits, sample_next
 from prepare import ALPACA_TEMPLATE, format_prompt, load_records, load_split, prepare
+from sample import TextStream
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -502,7 +504,10 @@ def shared():
 
 @pytest.fixture(scope="module")
 def enc():
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline, with no TIKTOKEN_CACHE_DIR
+        pytest.skip(f"tiktoken's GPT-2 files are not available ({e.__class__.__name__}): set TIKTOKEN_CACHE_DIR")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -1271,3 +1276,263 @@ def test_ddp_on_two_processes_evaluates_like_one(classify_run):
 def test_load_gpt2_says_a_classifier_is_not_a_language_model(fitted):
     with pytest.raises(ValueError, match=r"is a text classifier \(ham, spam\) written by classify.py"):
         load(fitted[0] / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+PROMPT = "Every effort moves you"
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny, tmp_path_factory):
+    """A checkpoint as finetune.py writes it, carrying the Alpaca prompt template."""
+    path = tmp_path_factory.mktemp("ft") / "ckpt.pt"
+    ours = load(tiny[1])
+    torch.save({"model": ours.state_dict(), "model_config": vars(ours.config), "config": {},
+                "template": ALPACA_TEMPLATE}, path)
+    return path
+
+
+def sample(*args, stdin=None):
+    """Run sample.py with --key=value args; returns the CompletedProcess (text, stdout and stderr apart)."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=HERE, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def greedy_ids(model, ids, n):
+    """Our greedy continuation of ids (a list), stopped before the first end-of-text."""
+    out = model.generate(torch.tensor([ids]), n, temperature=0, eos_id=EOT)[0, len(ids):].tolist()
+    return out[:out.index(EOT)] if EOT in out else out
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+# ----------------------------------------------------------------------------- generation in model.py
+
+def test_stream_yields_each_new_column_and_frees_the_cache_when_left_early(tiny):
+    ours = load(tiny[1])
+    names = set(ours.state_dict())
+    prompt = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(0))
+    full = ours.generate(prompt, 12, temperature=0)
+    steps = ours.generate_stream(prompt, 12, temperature=0)
+    first = [next(steps) for _ in range(4)]
+    assert all(col.shape == (2,) for col in first)
+    assert torch.equal(torch.stack(first, 1), full[:, 6:10])
+    assert any(isinstance(m, RowsLinear) for m in ours.modules())  # the fast float32 path is in use
+    steps.close()
+    assert all(block.attn.kv_cache is None for block in ours.h)
+    assert not any(isinstance(m, RowsLinear) for m in ours.modules()) and set(ours.state_dict()) == names
+
+
+def test_fast_decode_logits_equal_full_recompute(tiny):
+    """Prefill, then one token at a time through the KV cache and RowsLinear (bmm over slices of the weights),
+    gives the logits of recomputing everything with plain nn.Linear."""
+    ours = load(tiny[1])
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = ours.lm_head(ours.hidden_states(idx))
+        ours.setup_cache(3, 40)
+        steps = [ours.next_logits(idx[:, :10], 0)] + [ours.next_logits(idx[:, t:t + 1], t) for t in range(10, 40)]
+        ours.clear_cache()
+    assert (torch.stack(steps, 1) - full[:, 9:]).abs().max().item() <= 1e-5
+
+
+def test_int8_weights_stay_close_to_float32(tiny):
+    ours = load(tiny[1])
+    idx = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = ours(idx)[0]
+        q = load(tiny[1]).quantize_int8()
+        assert sum(isinstance(m, Int8Linear) for m in q.modules()) == 4 * 2 + 1  # every Linear, lm_head too
+        logits = q(idx)[0]
+    assert ((logits - ref).norm() / ref.norm()).item() < 0.02
+    prompt = idx[:1, :8]
+    same = (q.generate(prompt, 30, temperature=0) == ours.generate(prompt, 30, temperature=0)).float().mean()
+    assert same.item() >= 0.8
+
+
+def test_compiled_decode_step_generates_the_same_tokens(tiny):
+    pytest.importorskip("torch._inductor")
+    ours, compiled = load(tiny[1]), load(tiny[1])
+    compiled.compile_decode()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    idx = torch.tensor([[0] * (6 - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (6 - len(p)) + [True] * len(p) for p in prompts])
+    for n in (10, 25):  # two lengths, one compiled graph
+        assert torch.equal(compiled.generate(idx[:1], n, temperature=0), ours.generate(idx[:1], n, temperature=0))
+    assert torch.equal(compiled.generate(idx, 20, temperature=0, valid=valid),
+                       ours.generate(idx, 20, temperature=0, valid=valid))
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40_000, 1)  # 40,000 draws at once
+    g = torch.Generator().manual_seed(0)
+
+    def freq(**kwargs):
+        return torch.bincount(sample_next(logits, generator=g, **kwargs), minlength=5) / len(logits)
+    probs = logits[0].softmax(-1)
+    assert (freq(temperature=1.0) - probs).abs().max() < 0.01
+    assert (freq(temperature=0.5) - (logits[0] / 0.5).softmax(-1)).abs().max() < 0.01
+    first_two = torch.tensor([probs[0], probs[1], 0, 0, 0]) / probs[:2].sum()
+    assert (freq(temperature=1.0, top_k=2) - first_two).abs().max() < 0.01
+    assert (freq(temperature=1.0, top_p=0.7) - first_two).abs().max() < 0.01  # 0.64 < 0.7 <= 0.64 + 0.24
+
+
+def test_top_p_on_the_likeliest_candidates_equals_sorting_everything():
+    def by_sorting(logits, top_p):  # the textbook way: sort the whole vocabulary
+        probs, order = logits.softmax(-1).sort(descending=True)
+        drop = (probs.cumsum(-1) - probs >= top_p).scatter(-1, order, probs.cumsum(-1) - probs >= top_p)
+        return logits.masked_fill(drop, float("-inf"))
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 3.0, 12.0):  # flat (the top 256 hold < top_p: all are sorted) to peaked
+        logits = torch.randn(4, 50257, generator=g) * scale
+        for top_p in (0.5, 0.9, 0.99):
+            assert torch.equal(filter_logits(logits, top_p=top_p), by_sorting(logits, top_p))
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+def test_stream_prints_whole_utf8_characters_only(enc):
+    out = io.StringIO()
+    text = TextStream(enc, out=out)
+    shown = []
+    for token in enc.encode_ordinary("a 🦙 and 日本語"):  # the llama is 3 tokens, each kanji 2
+        text.add(token)
+        shown.append(out.getvalue())
+    text.finish()
+    assert out.getvalue() == "a 🦙 and 日本語"
+    assert all("\ufffd" not in s for s in shown)
+    assert shown[0] == "a"  # printed at once, not at the end
+
+
+def test_stream_holds_back_a_possible_stop_string_and_cuts_before_it(enc):
+    out = io.StringIO()
+    text = TextStream(enc, stops=["###"], out=out)
+    shown = []
+    for token in enc.encode_ordinary("one ## two ### three"):  # one, " ##", " two", " ###", " three"
+        if text.add(token):
+            break
+        shown.append(out.getvalue())
+    text.finish()
+    assert shown == ["one", "one ", "one ## two"]  # "##" might have begun "###": held back until " two"
+    assert out.getvalue() == "one ## two "
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_greedy_text_equals_transformers_generate(tiny, enc):
+    hf, folder = tiny
+    ids = enc.encode_ordinary(PROMPT)
+    ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=30, do_sample=False, pad_token_id=EOT, eos_token_id=None)[0, len(ids):].tolist()
+    ref = ref[:ref.index(EOT)] if EOT in ref else ref
+    out = ok(sample(f"--model={folder}", f"--prompt={PROMPT}", "--temperature=0", "--max_new_tokens=30"))
+    assert out == PROMPT + enc.decode(ref) + "\n"
+
+
+def test_generation_stops_at_end_of_text(tiny, tmp_path, enc):
+    """A model whose token X is renamed <|endoftext|> (rows X and 50256 of wte swapped) computes exactly what
+    the original does, so its greedy text is the original's up to where the original says X."""
+    ours = load(tiny[1])
+    prompt = "The meaning of life is"
+    ids = enc.encode_ordinary(prompt)
+    tokens = greedy_ids(ours, ids, 30)
+    stop = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i] + ids)
+    state = ours.state_dict()
+    state["wte.weight"][[tokens[stop], EOT]] = state["wte.weight"][[EOT, tokens[stop]]]
+    torch.save({"model": state, "model_config": vars(ours.config), "config": {}, "template": None},
+               tmp_path / "ckpt.pt")
+    out = ok(sample(f"--model={tmp_path / 'ckpt.pt'}", f"--prompt={prompt}", "--temperature=0",
+                    "--max_new_tokens=30"))
+    assert stop > 3 and out == prompt + enc.decode(tokens[:stop]) + "\n"
+
+
+def test_batch_of_prompts_equals_each_prompt_alone(tiny, tmp_path, enc):
+    ours = load(tiny[1])
+    lines = ["The cat", "Once upon a time, in a land far away, there", "1, 2, 3,"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n\n")  # blank lines are no prompts
+    batch = ok(sample(f"--model={tiny[1]}", f"--prompt=FILE:{tmp_path / 'prompts.txt'}", "--batch=True",
+                      "--temperature=0", "--max_new_tokens=15"))
+    alone = [line + enc.decode(greedy_ids(ours, enc.encode_ordinary(line), 15)) for line in lines]
+    assert batch == "\n---------------\n".join(alone) + "\n"
+
+
+def test_top_k_1_is_greedy_and_the_seed_fixes_the_text(tiny, enc):
+    ours = load(tiny[1])
+    args = (f"--model={tiny[1]}", f"--prompt={PROMPT}", "--max_new_tokens=20", "--temperature=1.0")
+    greedy = PROMPT + enc.decode(greedy_ids(ours, enc.encode_ordinary(PROMPT), 20)) + "\n"
+    assert ok(sample(*args, "--top_k=1")) == greedy
+    a, b = (ok(sample(*args, "--seed=7", "--num_samples=2", "--top_p=1.0")) for _ in range(2))
+    first, second = a.split("\n---------------\n")
+    assert a == b and first != second and greedy not in (first + "\n", second)
+
+
+def test_finetuned_checkpoint_wraps_the_prompt_and_prints_only_the_response(tiny, finetuned, enc):
+    ours = load(tiny[1])
+    instruction = "Give three tips for staying healthy."
+    out = ok(sample(f"--model={finetuned}", f"--prompt={instruction}", "--temperature=0", "--max_new_tokens=20"))
+    assert out == enc.decode(greedy_ids(ours, enc.encode_ordinary(format_prompt(instruction)), 20)) + "\n"
+    wrapped = ok(sample(f"--model={finetuned}", "--prompt=Translate.", "--input=Bonjour", "--temperature=0",
+                        "--max_new_tokens=20"))
+    with_input = format_prompt("Translate.", "Bonjour", ALPACA_TEMPLATE)
+    assert "### Input:\nBonjour" in with_input
+    assert wrapped == enc.decode(greedy_ids(ours, enc.encode_ordinary(with_input), 20)) + "\n"
+    plain = ok(sample(f"--model={finetuned}", f"--prompt={instruction}", "--template=none", "--temperature=0",
+                      "--max_new_tokens=20"))
+    assert plain == instruction + enc.decode(greedy_ids(ours, enc.encode_ordinary(instruction), 20)) + "\n"
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, enc):
+    ours = load(tiny[1])
+    words = " ".join(f"word{i}" for i in range(200))  # ~400 tokens; the tiny context is 128
+    result = sample(f"--model={tiny[1]}", f"--prompt={words}", "--temperature=0", "--max_new_tokens=20",
+                    "--template=none")
+    ids = enc.encode_ordinary(words)
+    assert f"warning: the prompt is {len(ids)} tokens: only its last 108 are kept" in result.stderr
+    assert ok(result) == words + enc.decode(greedy_ids(ours, ids[-108:], 20)) + "\n"
+
+
+def test_empty_prompt_starts_from_end_of_text(tiny, enc):
+    ours = load(tiny[1])
+    assert ok(sample(f"--model={tiny[1]}", "--temperature=0", "--max_new_tokens=10")) == \
+        enc.decode(greedy_ids(ours, [EOT], 10)) + "\n"
+
+
+def test_bad_values_are_rejected_before_loading(tmp_path):
+    result = sample("--temperature=-1", "--top_p=1.5", "--top_k=0", "--max_new_tokens=0", "--quantize=int4",
+                    f"--prompt=FILE:{tmp_path / 'missing.txt'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for why in ["temperature=-1.0 must be 0", "top_p=1.5 must be in (0, 1]", "top_k=0 must be",
+                "max_new_tokens=0 must be at least 1", "quantize='int4' must be one of none, int8",
+                "missing.txt' does not exist"]:
+        assert why in result.stderr
+    assert "top_p=0.0 must be in (0, 1]" in sample("--top_p=0").stderr
+    unknown = sample("--model=gpt3")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: model 'gpt3' is neither a GPT-2 name")
+
+
+def test_quantized_int8_runs_from_the_command_line(tiny):
+    out = ok(sample(f"--model={tiny[1]}", f"--prompt={PROMPT}", "--quantize=int8", "--temperature=0",
+                    "--max_new_tokens=10"))
+    assert out.startswith(PROMPT) and len(out) > len(PROMPT) + 1
+
+
+def test_chat_answers_each_line_and_forgets_on_reset(tiny, finetuned, enc):
+    ours = load(tiny[1])
+    first, second = "Name a color.", "Name a fruit."
+    result = sample(f"--model={finetuned}", "--chat=True", "--temperature=0", "--max_new_tokens=12",
+                    stdin=f"{first}\n{second}\n/reset\n{second}\n/quit\nnever read\n")
+    answer = [enc.decode(greedy_ids(ours, enc.encode_ordinary(format_prompt(q)), 12)) + "\n" for q in (first, second)]
+    history = enc.encode_ordinary(format_prompt(first)) + greedy_ids(ours, enc.encode_ordinary(format_prompt(first)), 12)
+    in_context = enc.decode(greedy_ids(ours, history + [EOT] + enc.encode_ordinary(format_prompt(second)), 12)) + "\n"
+    assert in_context != answer[1]  # the second question is answered knowing the first
+    # each "> " is input()'s prompt; after /reset the question is answered as if it came first
+    assert ok(result) == "> " + answer[0] + "> " + in_context + "> " + "> " + answer[1] + "> "
+    assert "conversation forgotten" in result.stderr
+    eof = sample(f"--model={finetuned}", "--chat=True", "--max_new_tokens=3", stdin=f"{first}\n")  # Ctrl-D
+    assert ok(eof).count("> ") == 2

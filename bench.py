@@ -1,0 +1,135 @@
+"""
+Benchmarks, run by hand (none of them is a test). Pick one with --what:
+
+    python bench.py                      # what=generate: tokens/s of sample.py's generation vs transformers
+    python bench.py --models="('gpt2',)" --new_tokens="(128,)" --settings="('fp32', 'int8+compile')"
+
+generate: batch 1, a 32-token prompt, greedy, random-init weights of the GPT-2 configs (nothing is downloaded),
+ours and transformers' generate(do_sample=False, use_cache=True) on the same weights, interleaved; each figure
+is the best of `repeats` runs. Next to them, the floor: the bytes of weights a decode step reads, divided by
+the memory bandwidth measured in the same run (decoding one token is a matrix-vector product per weight).
+"""
+
+import os
+import time
+
+import torch
+
+from load_gpt2 import build, config_from_hf, hf_to_ours
+from model import GPT, PRESETS
+from sample import ready
+
+# -----------------------------------------------------------------------------
+what = "generate"  # which benchmark: generate
+models = ("gpt2", "gpt2-medium")  # GPT-2 configs
+prompt_len = 32
+new_tokens = (128, 512)
+settings = ("fp32", "fp32+compile", "bf16", "int8", "int8+compile")  # ours: dtype or int8, +compile
+repeats = 1  # runs per figure, the best counts (other programs on the machine only ever slow a run down)
+threads = 0  # torch threads; 0: torch's default (one per core)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def memory_bandwidth(size_mb=1024, runs=5):
+    """Bytes/s of reading a tensor far larger than the caches: what a decode step does with the weights."""
+    x = torch.ones(size_mb * 2 ** 20 // 4)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def bytes_per_token(gpt):
+    """The weights a decode step reads: every parameter and buffer once, except the embeddings, of which it reads
+    a row (wte is read in full only while it is also the output layer)."""
+    tensors = {id(t): t for t in [*gpt.parameters(), *gpt.buffers()]}.values()  # tied weights once
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    skipped = [gpt.wpe.weight] + ([gpt.wte.weight] if gpt.lm_head.weight is not gpt.wte.weight else [])
+    return total - sum(t.numel() * t.element_size() for t in skipped)
+
+
+def other_cpu_use(start_stat, start_own):
+    """The share of the machine's CPU time that other processes took since the start (Linux only)."""
+    try:
+        busy = _cpu_jiffies() - start_stat
+    except OSError:
+        return None
+    own = (sum(os.times()[:2]) - start_own) * os.sysconf("SC_CLK_TCK")
+    return max(0.0, busy - own) / max(busy, 1)
+
+
+def _cpu_jiffies():
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:8]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def ours_like(hf_model, setting):
+    """Ours with the reference's weights, prepared the way sample.py prepares it for this setting."""
+    config = config_from_hf(hf_model.config.to_dict())
+    dtype = torch.bfloat16 if setting.startswith("bf16") else torch.float32
+    gpt = build(config, hf_to_ours(hf_model.state_dict(), config), dtype=dtype)
+    return ready(gpt, "int8" if setting.startswith("int8") else "none", setting.endswith("+compile"))
+
+
+def bench_generate():
+    import transformers  # the reference, a test-only dependency (requirements-dev.txt)
+    transformers.logging.set_verbosity_error()
+    start_stat, start_own = _cpu_jiffies(), sum(os.times()[:2])
+    bandwidth = memory_bandwidth()
+    print(f"generation: batch 1, {prompt_len}-token prompt, greedy, best of {repeats}; {torch.get_num_threads()} "
+          f"threads; torch {torch.__version__}; memory bandwidth {bandwidth / 1e9:.1f} GB/s (reading 1 GB, measured "
+          f"now); floor = bandwidth / weight bytes a decode step reads")
+    print(f"{'model':<12} {'new':>4}  {'setting':<14} {'tok/s':>6} {'ms/tok':>7} {'vs ref':>7} "
+          f"{'MB/tok':>7} {'floor tok/s':>11} {'of floor':>8}  same tokens")
+    for name in models:
+        torch.manual_seed(seed)
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**PRESETS[name])).eval()  # random init
+        with torch.device("meta"):  # shapes only: the reference reads float32 weights, as GPT does
+            fp32_bytes = bytes_per_token(GPT(config_from_hf(hf.config.to_dict())))
+        ours = {}
+        for setting in settings:
+            start = time.perf_counter()
+            ours[setting] = ours_like(hf, setting)
+            ours[setting].generate(torch.zeros(1, prompt_len, dtype=torch.long), 4, temperature=0)  # warm up
+            if setting.endswith("+compile"):
+                print(f"({name} {setting}: ready in {time.perf_counter() - start:.0f} s, compiling included)")
+        prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+        runs = {"transformers": lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                      use_cache=True, max_new_tokens=n, min_new_tokens=n,
+                                                      pad_token_id=50256)[0, prompt_len:]}
+        for setting, gpt in ours.items():
+            runs[setting] = lambda n, gpt=gpt: gpt.generate(prompt, n, temperature=0)[0, prompt_len:]
+        for n in new_tokens:
+            best, tokens = {k: 0.0 for k in runs}, {}
+            with torch.inference_mode():
+                for _ in range(repeats):
+                    for key, run in runs.items():  # interleaved: a busy moment does not hit one setting only
+                        start = time.perf_counter()
+                        tokens[key] = run(n)
+                        best[key] = max(best[key], n / (time.perf_counter() - start))
+            for key in runs:
+                weights = bytes_per_token(ours[key]) if key in ours else fp32_bytes
+                floor = bandwidth / weights
+                same = (tokens[key] == tokens["transformers"]).float().mean().item()
+                print(f"{name:<12} {n:>4}  {key:<14} {best[key]:>6.1f} {1e3 / best[key]:>7.1f} "
+                      f"{best[key] / best['transformers']:>6.2f}x {weights / 1e6:>7.0f} {floor:>11.1f} "
+                      f"{best[key] / floor:>8.0%}  {same:.0%}", flush=True)
+        del hf, ours
+    share = other_cpu_use(start_stat, start_own)
+    if share is not None and share > 0.05:
+        print(f"note: other processes took {share:.0%} of the CPU during this run; figures are best-of-{repeats}")
+
+
+if __name__ == "__main__":
+    from configurator import configure, fail
+    configure(globals())
+    if threads:
+        torch.set_num_threads(threads)
+    benchmarks = {"generate": bench_generate}
+    if what not in benchmarks:
+        fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
+    benchmarks[what]()
