@@ -3,14 +3,21 @@ Benchmarks, run by hand (none of them is a test). Pick one with --what:
 
     python bench.py                      # what=generate: tokens/s of sample.py's generation vs transformers
     python bench.py --models="('gpt2',)" --new_tokens="(128,)" --settings="('fp32', 'int8+compile')"
+    python bench.py --what=train         # tokens/s of a full training step vs transformers
 
 generate: batch 1, a 32-token prompt, greedy, random-init weights of the GPT-2 configs (nothing is downloaded),
 ours and transformers' generate(do_sample=False, use_cache=True) on the same weights, interleaved; each figure
 is the best of `repeats` runs. Next to them, the floor: the bytes of weights a decode step reads, divided by
 the memory bandwidth measured in the same run (decoding one token is a matrix-vector product per weight).
+
+train: one full step (forward, backward, fused AdamW) on the gpt2 (124M) config at train_batch x train_block
+tokens, ours and transformers' GPT2LMHeadModel on the same weights, both with bf16 autocast (the best the
+reference does on this CPU), interleaved; the median of train_rounds steps.
 """
 
 import os
+import statistics
+import tempfile
 import time
 
 import torch
@@ -20,7 +27,7 @@ from model import GPT, PRESETS
 from sample import ready
 
 # -----------------------------------------------------------------------------
-what = "generate"  # which benchmark: generate
+what = "generate"  # which benchmark: generate, train
 models = ("gpt2", "gpt2-medium")  # GPT-2 configs
 prompt_len = 32
 new_tokens = (128, 512)
@@ -28,6 +35,10 @@ settings = ("fp32", "fp32+compile", "bf16", "int8", "int8+compile")  # ours: dty
 repeats = 1  # runs per figure, the best counts (other programs on the machine only ever slow a run down)
 threads = 0  # torch threads; 0: torch's default (one per core)
 seed = 1337
+train_batch = 4  # what=train: examples of train_block tokens per step
+train_block = 256
+train_rounds = 5  # timed steps per contender (the median counts)
+train_compile = False  # also time our model under torch.compile (compiling takes a minute or two)
 # -----------------------------------------------------------------------------
 
 
@@ -124,12 +135,68 @@ def bench_generate():
         print(f"note: other processes took {share:.0%} of the CPU during this run; figures are best-of-{repeats}")
 
 
+
+def bench_train():
+    """Tokens/s of one full training step (forward, backward, fused AdamW) on the gpt2 (124M) config at
+    batch x block tokens, ours and transformers' GPT2LMHeadModel on the same weights, bf16 autocast for both."""
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from finetune import keep_freed_memory, make_optimizer
+    from load_gpt2 import load_gpt2
+    transformers.logging.set_verbosity_error()
+    keep_freed_memory()  # both models run in this process: neither gets an allocator advantage
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_positions=1024)).train()
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = load_gpt2(folder).train()
+    x = torch.randint(0, 50257, (train_batch, train_block))
+    y = torch.cat([x[:, 1:], torch.full((train_batch, 1), -100)], dim=1)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    our_opt = make_optimizer(ours, 1e-4, 0.1, (0.9, 0.95), "cpu")
+    compiled = torch.compile(ours) if train_compile else None
+
+    def ref_step():
+        with ctx:
+            loss = ref(x, labels=x).loss
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+
+    def our_step(net=ours):
+        with ctx:
+            _, loss = net(x, y)
+        loss.backward()
+        our_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+
+    steps = {"transformers (bf16 autocast, fused AdamW)": ref_step, "nanoFT (bf16 autocast, fused AdamW)": our_step}
+    if compiled is not None:
+        steps["nanoFT + torch.compile"] = lambda: our_step(compiled)
+    times = {name: [] for name in steps}
+    for name, step in steps.items():  # warm up (and compile)
+        step(), step()
+    for _ in range(train_rounds):  # interleaved, so a busy moment hits every contender
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    tokens = train_batch * train_block
+    base = tokens / statistics.median(times[next(iter(steps))])
+    print(f"\ntraining step, gpt2 (124M) config, batch {train_batch} x {train_block} tokens, "
+          f"{torch.get_num_threads()} threads, median of {train_rounds}")
+    for name, ts in times.items():
+        rate = tokens / statistics.median(ts)
+        print(f"  {name:<45} {statistics.median(ts) * 1000:7.0f} ms/step {rate:7.0f} tok/s  {rate / base:.2f}x")
+
+
 if __name__ == "__main__":
     from configurator import configure, fail
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    benchmarks = {"generate": bench_generate}
+    benchmarks = {"generate": bench_generate, "train": bench_train}
     if what not in benchmarks:
         fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
     benchmarks[what]()

@@ -228,7 +228,7 @@ class GPT(nn.Module):
 
     def compile_decode(self):
         """Compile the one-token decode step with torch.compile; generation uses it from then on. The first
-        call compiles (tens of seconds); dynamic=True keeps one graph for every position and batch size."""
+        call compiles (10-60 s); dynamic=True: one graph serves every position past 1 and every batch size past 1."""
         self.decode_step = torch.compile(self.next_logits, dynamic=True)
 
     def quantize_int8(self):
@@ -327,9 +327,9 @@ def replace_modules(model, kind, make):
 class RowsLinear(nn.Module):
     """A float32 nn.Linear (wrapped, weights shared) that is fast for the few rows of a decode step on the CPU.
 
-    Decoding reads every weight once per token, so it is bound by memory bandwidth; but MKL multiplies a single
-    row by a matrix on one core, reaching ~12 GB/s of the ~35 GB/s the machine has. Cut into slices of output
-    rows and multiplied as one batched product (bmm), the same weights are read by every core: ~2x faster.
+    Decoding reads every weight once per token, so it is bound by memory bandwidth; but MKL multiplies a few rows
+    by a matrix on one core, at ~12 GB/s where the memory gives ~40 (bench.py, 2-core AMD EPYC). Cut into slices
+    of output rows and multiplied as one batched product (bmm), the weights are read by every core: ~2x faster.
     """
     max_rows = 16  # more rows (a prefill) have enough work for MKL's own threading
 
