@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from finetune import (EOT, Split, StopOnSigint, check_machinery, keep_freed_memory, length_grouped_batches, lr_at,
-                      make_optimizer, pick_device, pick_dtype, prepare_once, resolve_compile, rng_state, save_atomic,
-                      set_rng_state, setup_distributed)
+                      make_optimizer, pick_device, pick_dtype, prepare_once, resolve_compile, resumed_log, rng_state,
+                      save_atomic, set_rng_state, setup_distributed)
 from load_gpt2 import DownloadError, build, check_state, load_gpt2
 from model import GPT, PRESETS, GPTConfig
 from prepare import read_meta
@@ -350,9 +350,8 @@ def main(config):
     log = []
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / "log.jsonl").exists():
-            log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
-                   if r["iter"] <= start_iter]  # drop what was logged after the checkpoint
+        if resume:
+            log = resumed_log(out / "log.jsonl", start_iter)
         print(f"{n_trainable:,} trainable parameters of {n_total:,} ({100 * n_trainable / n_total:.3g}%; "
               f"trainable={trainable}) on {dev}, autocast {amp_dtype}, {world} process(es); {len(train)} train / "
               f"{len(val)} val / {len(test)} test examples, labels {labels}; {epochs} epochs of {steps_per_epoch} "

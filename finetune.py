@@ -208,6 +208,13 @@ def lr_at(it, total, lr, min_lr, warmup):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def resumed_log(path, start_iter):
+    """The records of a run's log.jsonl up to its checkpoint's iteration (what came after is redone)."""
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["iter"] <= start_iter]
+
+
 def save_atomic(obj, path):
     """torch.save to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
     path = Path(path)
@@ -420,9 +427,8 @@ def main(config):
         grouped = length_grouped_batches(train.lengths, batch_size, seed, 0)
         shuffled = np.array_split(np.random.default_rng(seed).permutation(len(train)), len(grouped))
         out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / "log.jsonl").exists():
-            log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
-                   if r["iter"] <= start_iter]  # drop what was logged after the checkpoint
+        if resume:
+            log = resumed_log(out / "log.jsonl", start_iter)
         print(f"{raw.num_params() / 1e6:.1f}M parameters on {dev}, autocast {amp_dtype}, {world} process(es); "
               f"{len(train)} train / {len(val)} val / {len(test)} test examples; {total_iters} iterations of "
               f"{batch_size * accum * world} examples; padding is {padding_fraction(grouped, train.lengths):.1%} "
