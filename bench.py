@@ -11,11 +11,14 @@ is the best of `repeats` runs. Next to them, the floor: the bytes of weights a d
 the memory bandwidth measured in the same run (decoding one token is a matrix-vector product per weight).
 
 train: one full step (forward, backward, fused AdamW) on the gpt2 (124M) config at train_batch x train_block
-tokens, ours and transformers' GPT2LMHeadModel on the same weights, both with bf16 autocast (the best the
-reference does on this CPU), interleaved; the median of train_rounds steps.
+tokens, ours and transformers' GPT2LMHeadModel on the same weights, both with bf16 autocast and fused AdamW (the
+best the reference does on this CPU), interleaved; the median of train_rounds steps. The reference runs twice: in
+this process, where it gets the malloc settings finetune.py makes (keep_freed_memory), and in a process of its own
+with glibc's defaults, as `python train.py` with transformers runs (there it is about twice as slow).
 """
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -136,42 +139,70 @@ def bench_generate():
 
 
 
+def reference_train_setup(folder):
+    """transformers' GPT2LMHeadModel (saved in folder) and its training step: bf16 autocast, fused AdamW."""
+    import transformers
+    from transformers import GPT2LMHeadModel
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    ref = GPT2LMHeadModel.from_pretrained(folder).train()
+    x = torch.randint(0, 50257, (train_batch, train_block), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ref(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def reference_train_process(folder, conn):
+    """The reference in a process of its own, with glibc's default malloc settings (as a user runs it): times
+    one step each time the benchmark asks, so it is interleaved with the others."""
+    step = reference_train_setup(folder)
+    while conn.recv():
+        start = time.perf_counter()
+        step()
+        conn.send(time.perf_counter() - start)
+
+
 def bench_train():
     """Tokens/s of one full training step (forward, backward, fused AdamW) on the gpt2 (124M) config at
     batch x block tokens, ours and transformers' GPT2LMHeadModel on the same weights, bf16 autocast for both."""
-    import transformers
+    import multiprocessing
     from transformers import GPT2Config, GPT2LMHeadModel
     from finetune import keep_freed_memory, make_optimizer
     from load_gpt2 import load_gpt2
-    transformers.logging.set_verbosity_error()
-    keep_freed_memory()  # both models run in this process: neither gets an allocator advantage
     torch.manual_seed(0)
-    ref = GPT2LMHeadModel(GPT2Config(n_positions=1024)).train()
-    with tempfile.TemporaryDirectory() as folder:
-        ref.save_pretrained(folder)
-        ours = load_gpt2(folder).train()
-    x = torch.randint(0, 50257, (train_batch, train_block))
+    folder = tempfile.mkdtemp()
+    GPT2LMHeadModel(GPT2Config(n_positions=1024)).save_pretrained(folder)
+    # started before this process changes its malloc settings; spawn: a fresh interpreter with glibc's defaults
+    conn, child_conn = multiprocessing.get_context("spawn").Pipe()
+    child = multiprocessing.get_context("spawn").Process(target=reference_train_process, args=(folder, child_conn))
+    child.start()
+    keep_freed_memory()  # what finetune.py does; the in-process reference gets it too
+    ours = load_gpt2(folder).train()
+    x = torch.randint(0, 50257, (train_batch, train_block), generator=torch.Generator().manual_seed(seed))
     y = torch.cat([x[:, 1:], torch.full((train_batch, 1), -100)], dim=1)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     our_opt = make_optimizer(ours, 1e-4, 0.1, (0.9, 0.95), "cpu")
     compiled = torch.compile(ours) if train_compile else None
 
-    def ref_step():
-        with ctx:
-            loss = ref(x, labels=x).loss
-        loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-
     def our_step(net=ours):
-        with ctx:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = net(x, y)
         loss.backward()
         our_opt.step()
         our_opt.zero_grad(set_to_none=True)
 
-    steps = {"transformers (bf16 autocast, fused AdamW)": ref_step, "nanoFT (bf16 autocast, fused AdamW)": our_step}
+    def child_step():
+        conn.send(True)
+        return conn.recv()
+
+    steps = {"transformers, in this process (malloc tuned)": reference_train_setup(folder),
+             "transformers, own process (malloc as is)": child_step,
+             "nanoFT (finetune.py's step)": our_step}
     if compiled is not None:
         steps["nanoFT + torch.compile"] = lambda: our_step(compiled)
     times = {name: [] for name in steps}
@@ -179,16 +210,21 @@ def bench_train():
         step(), step()
     for _ in range(train_rounds):  # interleaved, so a busy moment hits every contender
         for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
+            start = time.perf_counter()
+            took = step()
+            times[name].append(took if name.startswith("transformers, own") else time.perf_counter() - start)
+    conn.send(False)
+    child.join()
+    shutil.rmtree(folder, ignore_errors=True)
     tokens = train_batch * train_block
-    base = tokens / statistics.median(times[next(iter(steps))])
-    print(f"\ntraining step, gpt2 (124M) config, batch {train_batch} x {train_block} tokens, "
-          f"{torch.get_num_threads()} threads, median of {train_rounds}")
-    for name, ts in times.items():
-        rate = tokens / statistics.median(ts)
-        print(f"  {name:<45} {statistics.median(ts) * 1000:7.0f} ms/step {rate:7.0f} tok/s  {rate / base:.2f}x")
+    print(f"\ntraining step (forward, backward, AdamW), gpt2 (124M) config, batch {train_batch} x {train_block} "
+          f"tokens, bf16 autocast, fused AdamW, {torch.get_num_threads()} threads, median of {train_rounds}")
+    print(f"  {'':<48} {'ms/step':>8} {'tok/s':>7}  {'vs in-process':>13}  {'vs own process':>14}")
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, took in medians.items():
+        print(f"  {name:<48} {took * 1000:>8.0f} {tokens / took:>7.0f}  "
+              f"{medians['transformers, in this process (malloc tuned)'] / took:>12.2f}x  "
+              f"{medians['transformers, own process (malloc as is)'] / took:>13.2f}x")
 
 
 if __name__ == "__main__":

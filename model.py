@@ -73,13 +73,29 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if pos is not None:
             k, v = self.kv_cache.update(pos, k, v)
-        # with no mask, queries and keys are the same positions, so plain causal masking is right,
-        # except for a single new token, which may see every key in the cache
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if self.training and x.device.type == "cpu" and k.size(2) <= 512:
+            y = attention_by_matmul(q, k, v, mask, dropout)
+        else:
+            # with no mask, queries and keys are the same positions, so plain causal masking is right,
+            # except for a single new token, which may see every key in the cache
+            is_causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention_by_matmul(q, k, v, mask=None, dropout=0.0):
+    """What F.scaled_dot_product_attention computes (causal where mask is None), as plain matmuls.
+
+    For training on the CPU: up to 512 tokens, PyTorch's CPU flash-attention kernel takes twice as long for
+    forward and backward as these batched matmuls (bench.py --what=train), and the (T, T) weights stay small.
+    """
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return F.dropout(att, dropout, training=dropout > 0) @ v
 
 
 class MLP(nn.Module):

@@ -102,6 +102,20 @@ def test_loss_matches_reference_with_ignored_labels(tiny):
     assert abs(ref.item() - loss.item()) <= 1e-5
 
 
+def test_training_gradients_match_reference(tmp_path):
+    # in training mode on the CPU attention runs as plain matmuls (attention_by_matmul), not SDPA
+    hf = reference_model(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+    hf.save_pretrained(tmp_path)
+    ours = load(tmp_path).train()
+    idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(4))
+    hf(idx, labels=idx).loss.backward()
+    _, loss = ours(idx, torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1))
+    loss.backward()
+    ref_attn = hf.transformer.h[1].attn.c_attn.weight.grad.t()  # transformers' Conv1D stores (in, out)
+    assert torch.allclose(ours.h[1].attn.c_attn.weight.grad, ref_attn, atol=1e-7, rtol=1e-4)
+    assert torch.allclose(ours.wte.weight.grad, hf.transformer.wte.weight.grad, atol=1e-7, rtol=1e-4)
+
+
 def hub_style_state_dict(hf):
     """Tensors named as in OpenAI's files on the hub: no 'transformer.' prefix, no lm_head, mask buffers."""
     sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
