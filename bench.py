@@ -4,6 +4,8 @@ Benchmarks, run by hand (none of them is a test). Pick one with --what:
     python bench.py                      # what=generate: tokens/s of sample.py's generation vs transformers
     python bench.py --models="('gpt2',)" --new_tokens="(128,)" --settings="('fp32', 'int8+compile')"
     python bench.py --what=train         # tokens/s of a full training step vs transformers
+    python bench.py --what=int8          # fp32 vs bf16 vs int8 generation: speed, memory, quality
+    python bench.py --what=lora          # full fine-tuning vs LoRA: peak memory and speed of a step
 
 generate: batch 1, a 32-token prompt, greedy, random-init weights of the GPT-2 configs (nothing is downloaded),
 ours and transformers' generate(do_sample=False, use_cache=True) on the same weights, interleaved; each figure
@@ -26,7 +28,7 @@ import time
 import torch
 
 from load_gpt2 import build, config_from_hf, hf_to_ours
-from model import GPT, PRESETS
+from model import GPT, PRESETS, GPTConfig
 from sample import ready
 
 # -----------------------------------------------------------------------------
@@ -42,6 +44,10 @@ train_batch = 4  # what=train: examples of train_block tokens per step
 train_block = 256
 train_rounds = 5  # timed steps per contender (the median counts)
 train_compile = False  # also time our model under torch.compile (compiling takes a minute or two)
+precisions = ("fp32", "bf16", "int8")  # what=int8: weights as sample.py runs them, compared with fp32
+quality_prompts = 4  # what=int8: random prompts, each continued by quality_tokens greedy tokens
+quality_tokens = 256
+lora_rank = 16  # what=lora: LoRA on the book's targets (finetune.py's default lora_targets)
 # -----------------------------------------------------------------------------
 
 
@@ -227,12 +233,116 @@ def bench_train():
               f"{medians['transformers, own process (malloc as is)'] / took:>13.2f}x")
 
 
+def model_bytes(gpt):
+    """Memory the model's weights take: every parameter and buffer, tied tensors once."""
+    tensors = {id(t): t for t in [*gpt.parameters(), *gpt.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def bench_int8():
+    """fp32 vs bf16 vs int8 weights in generation (batch 1, greedy) on random-init GPT-2-sized models: tokens/s,
+    the weights' memory, and the quality cost against fp32: mean |logit difference| and how often the greedy
+    token is the same, both read at every position of fp32's own greedy continuation (teacher forcing), and the
+    share of positions where the free-running outputs are identical."""
+    import copy
+    print(f"precision: batch 1, {quality_prompts} random {prompt_len}-token prompts x {quality_tokens} greedy tokens, "
+          f"random-init weights, {torch.get_num_threads()} threads; quality against fp32 on fp32's continuation")
+    print(f"{'model':<12} {'weights':<8} {'MB':>6} {'tok/s':>6} {'vs fp32':>7} {'mean |dlogit|':>13} "
+          f"{'same greedy':>11} {'same text':>9}")
+    for name in models:
+        torch.manual_seed(seed)
+        fp32 = GPT(GPTConfig.from_name(name)).eval()
+        variants = {}
+        for p in precisions:
+            gpt = fp32 if p == "fp32" else copy.deepcopy(fp32).to(torch.bfloat16 if p.startswith("bf16") else torch.float32)
+            variants[p] = ready(gpt, "int8" if p.startswith("int8") else "none", p.endswith("+compile"))
+            variants[p].generate(torch.zeros(1, prompt_len, dtype=torch.long), 4, temperature=0)  # warm up (compile)
+        prompts = torch.randint(0, 50257, (quality_prompts, prompt_len), generator=torch.Generator().manual_seed(seed))
+        seconds, stats = dict.fromkeys(variants, 0.0), {p: [] for p in variants}
+        for prompt in prompts[:, None, :]:
+            texts = {}
+            for p, gpt in variants.items():  # interleaved: a busy moment does not hit one setting only
+                start = time.perf_counter()
+                texts[p] = gpt.generate(prompt, quality_tokens, temperature=0)
+                seconds[p] += time.perf_counter() - start
+            reference = fp32(texts["fp32"])[0][0, prompt_len - 1:-1].float()  # the logits that chose each token
+            for p, gpt in variants.items():
+                logits = gpt(texts["fp32"])[0][0, prompt_len - 1:-1].float()
+                stats[p].append(((logits - reference).abs().mean().item(),
+                                 (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+                                 (texts[p] == texts["fp32"])[0, prompt_len:].float().mean().item()))
+        for p, gpt in variants.items():
+            rate, dlogit, greedy, text = (quality_prompts * quality_tokens / seconds[p],
+                                          *(statistics.mean(v) for v in zip(*stats[p])))
+            base = quality_prompts * quality_tokens / seconds["fp32"]
+            print(f"{name:<12} {p:<8} {model_bytes(gpt) / 1e6:>6.0f} {rate:>6.1f} {rate / base:>6.2f}x {dlogit:>13.4f} "
+                  f"{greedy:>11.2%} {text:>9.2%}", flush=True)
+        del fp32, variants
+
+
+def lora_step_process(name, lora, conn):
+    """One training setup in a process of its own, so its peak memory is its own: reports the weights' memory,
+    the resident memory before the first step and the peak, the median step time and the trainable parameters."""
+    import resource
+    from finetune import keep_freed_memory, make_optimizer
+    from model import add_lora
+    keep_freed_memory()
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig.from_name(name)).train()
+    if lora:
+        add_lora(gpt, lora_rank, 16)
+    opt = make_optimizer(gpt, 1e-4, 0.1, (0.9, 0.95), "cpu")
+    x = torch.randint(0, 50257, (train_batch, train_block), generator=torch.Generator().manual_seed(seed))
+    y = torch.cat([x[:, 1:], torch.full((train_batch, 1), -100)], dim=1)
+    before = _rss()
+    times = []
+    for i in range(train_rounds + 1):  # the first step allocates the optimizer state: not timed
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = gpt(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
+    conn.send((model_bytes(gpt), before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               statistics.median(times[1:]), trainable))
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_lora():
+    """Full fine-tuning vs LoRA: peak memory and speed of a training step (bf16 autocast, fused AdamW, batch
+    train_batch x train_block), each setup in a fresh process. Linux: memory is resident memory (RSS); 'peak -
+    before' is what training adds to the loaded model: gradients, optimizer state, activations."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    print(f"training step, full vs LoRA rank {lora_rank} (q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj,head), batch "
+          f"{train_batch} x {train_block}, bf16 autocast, fused AdamW, random-init weights, median of {train_rounds}")
+    print(f"{'model':<12} {'training':<9} {'trainable':>12} {'weights MB':>10} {'peak RSS MB':>11} "
+          f"{'peak - before MB':>16} {'step ms':>8} {'tok/s':>6}")
+    for name in models:
+        for lora in (False, True):
+            conn, child_conn = context.Pipe()
+            child = context.Process(target=lora_step_process, args=(name, lora, child_conn))
+            child.start()
+            weights, before, peak, step, trainable = conn.recv()
+            child.join()
+            print(f"{name:<12} {'LoRA' if lora else 'full':<9} {trainable:>12,} {weights / 1e6:>10.0f} "
+                  f"{peak / 1e6:>11.0f} {(peak - before) / 1e6:>16.0f} {step * 1000:>8.0f} "
+                  f"{train_batch * train_block / step:>6.0f}", flush=True)
+
+
 if __name__ == "__main__":
     from configurator import configure, fail
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    benchmarks = {"generate": bench_generate, "train": bench_train}
+    benchmarks = {"generate": bench_generate, "train": bench_train, "int8": bench_int8, "lora": bench_lora}
     if what not in benchmarks:
         fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
     benchmarks[what]()

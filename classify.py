@@ -29,11 +29,11 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from finetune import (EOT, Split, StopOnSigint, check_machinery, keep_freed_memory, length_grouped_batches, lr_at,
-                      make_optimizer, pick_device, pick_dtype, prepare_once, resolve_compile, resumed_log, rng_state,
-                      save_atomic, set_rng_state, setup_distributed)
-from load_gpt2 import DownloadError, build, check_state, load_gpt2
-from model import GPT, PRESETS, GPTConfig
+from finetune import (EOT, Split, StopOnSigint, check_machinery, keep_freed_memory, length_grouped_batches,
+                      lora_settings, lr_at, make_optimizer, pick_device, pick_dtype, prepare_once, resolve_compile,
+                      resumed_log, rng_state, save_atomic, set_rng_state, setup_distributed, trainable_line)
+from load_gpt2 import DownloadError, build, check_state, load_gpt2, restore_lora
+from model import GPT, PRESETS, GPTConfig, add_lora
 from prepare import read_meta
 
 # -----------------------------------------------------------------------------
@@ -53,7 +53,11 @@ beta1 = 0.9
 beta2 = 0.999  # torch's AdamW default, as in the book
 grad_clip = 0.0  # 0 = off (the book does not clip)
 dropout = 0.0
-trainable = "last"  # head, last (last block + ln_f + head), all, or N (last N blocks + ln_f + head)
+trainable = "last"  # head, last (last block + ln_f + head), all, or N (last N blocks + ln_f + head); not with LoRA
+lora_rank = 0  # > 0: train LoRA adapters of this rank (and the new head, unless it has an adapter) instead
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj,head"  # also attn.c_attn (q/k/v as one); head = the new head
 pooling = "last_real"  # last_real: each example's last real token; last: position T-1 of the batch (the book)
 train_subset = 0  # if > 0, train on the first N train examples only
 max_length = 1024  # longer examples are dropped by prepare; inputs are cut to the model's context
@@ -91,7 +95,7 @@ def pool(hidden, lengths, pooling):
 
 
 def freeze(clf, trainable):
-    """Train only what `trainable` names; returns (trainable, total) parameter counts."""
+    """Train only what `trainable` names; returns clf."""
     n_layer = clf.gpt.config.n_layer
     blocks = int(trainable) if trainable.isdigit() else {"head": 0, "last": 1, "all": n_layer}[trainable]
     clf.requires_grad_(trainable == "all")  # the embeddings train only with `all`
@@ -99,8 +103,7 @@ def freeze(clf, trainable):
     if trainable != "head":
         clf.gpt.ln_f.requires_grad_(True)
         clf.gpt.h[n_layer - blocks:].requires_grad_(True)
-    params = list(clf.parameters())  # each tied tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return clf
 
 
 def collate_labelled(examples, max_len, pad_id=EOT, device="cpu"):
@@ -215,14 +218,25 @@ def read_checkpoint(path):
     fail(f"{path} is not a classifier checkpoint (it has no kind='classifier'): use one written by classify.py")
 
 
-def load_classifier(ckpt, device="cpu", dropout=0.0):
-    """The Classifier of a checkpoint dict, its GPT part checked and built by load_gpt2."""
+def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True):
+    """The Classifier of a checkpoint dict, its GPT part checked and built by load_gpt2; LoRA adapters merged
+    into the weights, or kept (merge_lora=False, to resume)."""
     config = GPTConfig(**ckpt["model_config"])
-    state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items() if k.startswith("gpt.")}
+    weights = {k: v for k, v in ckpt["model"].items() if ".lora_" not in k}
+    state = {k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")}
     state.pop("lm_head.weight", None)  # tied to wte
     clf = Classifier(build(config, check_state(state, config), device, dropout=dropout), len(ckpt["labels"]),
                      ckpt["pooling"]).to(device)
-    clf.head.load_state_dict({k.removeprefix("head."): v for k, v in ckpt["model"].items() if k.startswith("head.")})
+    clf.head.load_state_dict({k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")})
+    adapters = {k: v for k, v in ckpt["model"].items() if ".lora_" in k}
+    clf = restore_lora(clf, ckpt.get("lora"), adapters, merge_lora, "the classifier checkpoint")
+    return clf if merge_lora else head_trains_unless_adapted(clf, ckpt.get("lora"))
+
+
+def head_trains_unless_adapted(clf, lora):
+    """With LoRA, the new head (random weights) trains in full, unless LoRA targets it too (as the book does)."""
+    if lora and "head" not in lora["targets"]:
+        clf.head.requires_grad_(True)
     return clf
 
 
@@ -282,24 +296,27 @@ def prepare_data(ddp, master):
     return folder, meta
 
 
-def build_model(labels, out, dev):
-    """(classifier, checkpoint or None): GPT-2 + a fresh head, or everything from out/ckpt.pt to resume."""
+def build_model(labels, out, dev, lora):
+    """(classifier, checkpoint or None): GPT-2 + a fresh head, or everything from out/ckpt.pt to resume;
+    with LoRA, its adapters on and everything else frozen."""
     if not resume:
         try:
             gpt = load_gpt2(model, device=dev, dropout=dropout)
         except Exception as e:  # downloads, hostile or mismatched files: all explained in the message
             fail(f"could not load model '{model}': {e}")
-        torch.manual_seed(seed)  # the head's initial weights
-        return Classifier(gpt, len(labels), pooling).to(dev), None
+        torch.manual_seed(seed)  # the head's initial weights (and the adapters')
+        clf = Classifier(gpt, len(labels), pooling).to(dev)
+        return (head_trains_unless_adapted(add_lora(clf, **lora), lora) if lora else clf), None
     ckpt_path = out / "ckpt.pt"
     if not ckpt_path.exists():
         fail(f"resume=True but there is no checkpoint at {ckpt_path}; run without resume to start a new run")
     ckpt = read_checkpoint(ckpt_path)
     saved = ckpt["config"]
-    if ckpt["labels"] != labels or (saved["trainable"], saved["pooling"]) != (trainable, pooling):
+    if (ckpt["labels"] != labels or (saved["trainable"], saved["pooling"]) != (trainable, pooling)
+            or ckpt.get("lora") != lora):
         fail(f"{ckpt_path} was trained with labels {ckpt['labels']}, trainable={saved['trainable']}, pooling="
-             f"{saved['pooling']}: resume with the same settings, or use another out_dir")
-    return load_classifier(ckpt, dev, dropout), ckpt
+             f"{saved['pooling']}, LoRA {ckpt.get('lora')}: resume with the same settings, or use another out_dir")
+    return load_classifier(ckpt, dev, dropout, merge_lora=False), ckpt
 
 
 def main(config):
@@ -323,10 +340,12 @@ def main(config):
         train.lengths = train.lengths[:train_subset]  # len(train) follows lengths
     out = Path(out_dir or Path("out") / folder.name)
 
-    clf, ckpt = build_model(labels, out, dev)
-    if trainable.isdigit() and int(trainable) > clf.gpt.config.n_layer:
-        fail(f"trainable={trainable} but the model has {clf.gpt.config.n_layer} blocks")
-    n_trainable, n_total = freeze(clf, trainable)  # before the optimizer: it only takes trainable parameters
+    lora = lora_settings(config)
+    clf, ckpt = build_model(labels, out, dev, lora)
+    if not lora:  # frozen before the optimizer is made: it takes the trainable parameters only
+        if trainable.isdigit() and int(trainable) > clf.gpt.config.n_layer:
+            fail(f"trainable={trainable} but the model has {clf.gpt.config.n_layer} blocks")
+        freeze(clf, trainable)
     clf.train()
     max_len = clf.gpt.config.block_size
     optimizer = make_optimizer(clf, lr, weight_decay, (beta1, beta2), device_type)
@@ -352,8 +371,8 @@ def main(config):
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             log = resumed_log(out / "log.jsonl", start_iter)
-        print(f"{n_trainable:,} trainable parameters of {n_total:,} ({100 * n_trainable / n_total:.3g}%; "
-              f"trainable={trainable}) on {dev}, autocast {amp_dtype}, {world} process(es); {len(train)} train / "
+        print(f"{trainable_line(clf, lora, f'trainable={trainable}')} on {dev}, autocast {amp_dtype}, "
+              f"{world} process(es); {len(train)} train / "
               f"{len(val)} val / {len(test)} test examples, labels {labels}; {epochs} epochs of {steps_per_epoch} "
               f"iterations; pooling={pooling}")
 
@@ -365,7 +384,8 @@ def main(config):
         save_atomic({"model": clf.state_dict(), "model_config": asdict(clf.gpt.config), "kind": "classifier",
                      "labels": labels, "pooling": pooling, "config": config, "meta": meta,
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": it,
-                     "epoch": it / steps_per_epoch, "epoch_stats": stats.cpu(), "rng": rng_state()}, out / "ckpt.pt")
+                     "epoch": it / steps_per_epoch, "epoch_stats": stats.cpu(), "rng": rng_state(), "lora": lora},
+                    out / "ckpt.pt")
 
     stop = StopOnSigint()
     it, batches, t_epoch, seen = start_iter, {}, time.time(), 0  # seen: examples trained since t_epoch

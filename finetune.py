@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model import PRESETS, add_lora, check_lora_targets
+
 # -----------------------------------------------------------------------------
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a previous run's ckpt.pt
 dataset = "alpaca"  # a prepare.py dataset name, or a path/URL to an Alpaca-format .json/.jsonl file
@@ -55,6 +57,10 @@ dtype = "auto"  # auto, bfloat16, float16 or float32 (float32 turns autocast off
 compile = "auto"  # auto: on for CUDA only; True / False
 resume = False  # continue from out_dir/ckpt.pt
 grad_checkpoint = False  # recompute activations in backward: less memory, ~30% more compute
+lora_rank = 0  # > 0: train LoRA adapters of this rank only, every weight of the model frozen; 0: train it all
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj,head"  # also attn.c_attn (q/k/v as one); head = lm_head
 wandb_log = False
 wandb_project = "nanoft"
 # -----------------------------------------------------------------------------
@@ -191,7 +197,34 @@ def check_machinery(c):
         problems.append(f"dtype='{c['dtype']}' must be auto, float32, bfloat16 or float16")
     if str(c["compile"]).lower() not in ("auto", "true", "false", "1", "0"):
         problems.append(f"compile='{c['compile']}' must be auto, True or False")
+    if c["lora_rank"] < 0:
+        problems.append(f"lora_rank={c['lora_rank']} must be 0 (off) or a rank of at least 1")
+    if c["lora_rank"] > 0:
+        if c["lora_alpha"] <= 0:
+            problems.append(f"lora_alpha={c['lora_alpha']} must be positive")
+        if not 0 <= c["lora_dropout"] < 1:
+            problems.append(f"lora_dropout={c['lora_dropout']} must be in [0, 1)")
+        try:
+            check_lora_targets(lora_settings(c)["targets"])
+        except ValueError as e:
+            problems.append(f"lora_targets='{c['lora_targets']}': {e}")
     return problems
+
+
+def lora_settings(c):
+    """The LoRA settings a checkpoint records (add_lora's arguments), or None for training every weight."""
+    if c["lora_rank"] <= 0:
+        return None
+    return {"rank": c["lora_rank"], "alpha": float(c["lora_alpha"]), "dropout": c["lora_dropout"],
+            "targets": [t.strip() for t in c["lora_targets"].split(",") if t.strip()]}
+
+
+def trainable_line(model, lora, otherwise="every weight"):
+    """'7,898,384 of 414,720,400 parameters trainable (1.9%; LoRA rank 16 ...)' for the first printout."""
+    params = list(model.parameters())  # each tied tensor once
+    n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    how = f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}" if lora else otherwise
+    return f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / n_all:.3g}%; {how})"
 
 
 def make_optimizer(model, lr, weight_decay, betas, device_type):
@@ -352,7 +385,6 @@ def resolve_compile(value, device_type):
 def main(config):
     from configurator import fail
     from load_gpt2 import DownloadError, load_gpt2
-    from model import PRESETS
     import tiktoken
 
     problems = check_settings(config)
@@ -396,11 +428,17 @@ def main(config):
         if any(saved[k] != v for k, v in PRESETS[model].items()):
             fail(f"{ckpt_path} holds a model with n_layer={saved['n_layer']}, n_embd={saved['n_embd']}, not "
                  f"{model}: resume with the --model it was trained from, or use another out_dir")
-    try:
-        raw = load_gpt2(ckpt_path if resume else model, device=dev, dropout=dropout)
+    lora = lora_settings(config)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True) if resume else None
+    if ckpt and ckpt.get("lora") != lora:
+        fail(f"{ckpt_path} was trained with LoRA settings {ckpt.get('lora')}, not {lora}: resume with the same "
+             f"lora_* settings, or use another out_dir")
+    try:  # a LoRA run resumes with its adapters unmerged
+        raw = load_gpt2(ckpt_path if resume else model, device=dev, dropout=dropout, merge_lora=not resume)
     except Exception as e:  # downloads, hostile or mismatched files: all explained in the message
         fail(f"could not load model '{ckpt_path if resume else model}': {e}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True) if resume else None
+    if lora and not resume:
+        add_lora(raw, **lora)
     raw.grad_checkpoint = grad_checkpoint
     raw.train()
     optimizer = make_optimizer(raw, lr, weight_decay, (beta1, beta2), device_type)
@@ -429,7 +467,7 @@ def main(config):
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             log = resumed_log(out / "log.jsonl", start_iter)
-        print(f"{raw.num_params() / 1e6:.1f}M parameters on {dev}, autocast {amp_dtype}, {world} process(es); "
+        print(f"{trainable_line(raw, lora)} on {dev}, autocast {amp_dtype}, {world} process(es); "
               f"{len(train)} train / {len(val)} val / {len(test)} test examples; {total_iters} iterations of "
               f"{batch_size * accum * world} examples; padding is {padding_fraction(grouped, train.lengths):.1%} "
               f"of tokens with length grouping ({padding_fraction(shuffled, train.lengths):.1%} without)")
@@ -447,7 +485,7 @@ def main(config):
     def save(path, it):
         save_atomic({"model": raw.state_dict(), "model_config": asdict(raw.config), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val, "rng": rng_state(),
-                     "config": config, "meta": meta, "template": meta.get("template")}, path)
+                     "config": config, "meta": meta, "template": meta.get("template"), "lora": lora}, path)
 
     stop = StopOnSigint()
     epoch_batches, it, t_last, last_logged, dt_avg, tokens = {}, start_iter, time.time(), start_iter, None, 0

@@ -25,7 +25,7 @@ import numpy as np
 import requests
 import torch
 
-from model import GPT, GPTConfig, PRESETS
+from model import GPT, PRESETS, GPTConfig, add_lora, merge_lora
 
 HF_REPO = "openai-community/{name}"  # the hub's home of OpenAI's GPT-2 checkpoints
 HF_FILES = ("config.json", "model.safetensors")
@@ -285,19 +285,28 @@ def hf_to_ours(tensors, config):
     ours = {}
     for name, t in tensors.items():
         name = name.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers, and the head that is tied to wte
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers
         if name.endswith(CONV1D):
             t = t.t()  # Hugging Face's Conv1D stores (in, out); nn.Linear wants (out, in)
         ours[name] = t
-    return check_state(ours, config)
+    return check_state(drop_tied_head(ours), config)
+
+
+def drop_tied_head(state):
+    """Leave out lm_head.weight where it is the token embedding, as GPT-2 ties them (OpenAI's files do not even
+    hold it); keep it where it differs (a head fine-tuned with LoRA, merged): such a model gets its own head."""
+    head, wte = state.get("lm_head.weight"), state.get("wte.weight")
+    if head is not None and wte is not None and head.shape == wte.shape and torch.equal(head, wte):
+        del state["lm_head.weight"]
+    return state
 
 
 def check_state(state, config):
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor; else return state."""
     with torch.device("meta"):  # shapes only, nothing allocated
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
-    missing = sorted(set(expected) - set(state))
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    missing = sorted(set(expected) - set(state) - {"lm_head.weight"})  # no head: tied to wte
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
                        for k in expected.keys() & state.keys() if state[k].shape != expected[k])
@@ -318,16 +327,20 @@ def build(config, state_dict, device="cpu", dtype=torch.float32, dropout=0.0):
     # one copy per tensor, out of the memory map (or transposed view) into its own contiguous memory
     state_dict = {k: v.to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
                   for k, v in state_dict.items()}
-    state_dict["lm_head.weight"] = state_dict["wte.weight"]
+    tied = "lm_head.weight" not in state_dict  # else an untied head (drop_tied_head)
+    if tied:
+        state_dict["lm_head.weight"] = state_dict["wte.weight"]
     model.load_state_dict(state_dict, assign=True)
-    model.tie_weights()  # assign replaced wte's Parameter: share it with lm_head again
+    if tied:
+        model.tie_weights()  # assign replaced wte's Parameter: share it with lm_head again
     return model.eval()
 
 
-def load_gpt2(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
+def load_gpt2(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True):
     """GPT-2 from a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face folder
     (config.json + model.safetensors), a .safetensors file or a checkpoint (.pt) of our scripts.
-    dropout is for fine-tuning (OpenAI trained GPT-2 with 0.1; inference wants 0)."""
+    dropout is for fine-tuning (OpenAI trained GPT-2 with 0.1; inference wants 0). A checkpoint trained with
+    LoRA comes with its adapters merged into the weights, or, with merge_lora=False, as adapters (to resume)."""
     path = Path(str(name_or_path))
     if str(name_or_path) in PRESETS:
         path = download_gpt2(str(name_or_path))
@@ -345,7 +358,7 @@ def load_gpt2(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
         beside = path.with_name("config.json")
         config = config_from_hf(json.loads(beside.read_text())) if beside.exists() else config_from_tensors(tensors)
         return build(config, hf_to_ours(tensors, config), device, dtype, dropout)
-    return load_checkpoint(path, device, dtype, dropout)
+    return load_checkpoint(path, device, dtype, dropout, merge_lora)
 
 
 def config_from_tensors(tensors):
@@ -360,8 +373,8 @@ def config_from_tensors(tensors):
                      n_head=max(1, n_embd // 64), n_embd=n_embd)
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0):
-    """A GPT from a checkpoint saved by our scripts: {'model': state_dict, 'model_config': dict, ...}."""
+def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True):
+    """A GPT from a checkpoint saved by our scripts: {'model': state_dict, 'model_config': dict, 'lora': ...}."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -374,8 +387,26 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0):
                          f"classify.py, not a language model: use it with python classify.py --model={path} --text=...")
     config = GPTConfig(**ckpt["model_config"])
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # from a compiled model
-    state.pop("lm_head.weight", None)
-    return build(config, check_state(state, config), device, dtype, dropout)
+    adapters = {k: state.pop(k) for k in list(state) if ".lora_" in k}
+    model = build(config, check_state(drop_tied_head(state), config), device, dtype, dropout)
+    return restore_lora(model, ckpt.get("lora"), adapters, merge_lora, path)
+
+
+def restore_lora(model, lora, adapters, merge, path):
+    """Put a checkpoint's LoRA adapters (its 'lora' settings and lora_* tensors) back on model; merged into the
+    weights, or kept as adapters to go on training. Returns model."""
+    if not lora:
+        if adapters:
+            raise ValueError(f"{path} holds LoRA tensors ({next(iter(adapters))}, ...) but no 'lora' settings")
+        return model
+    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+    expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_" in k}
+    if expected != {k: v.shape for k, v in adapters.items()}:
+        wrong = sorted(set(expected) ^ set(adapters)) or [k for k in expected if adapters[k].shape != expected[k]]
+        raise ValueError(f"{path}: its LoRA tensors do not fit rank {lora['rank']} on {', '.join(lora['targets'])} "
+                         f"({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
+    model.load_state_dict(adapters, strict=False)
+    return merge_lora(model) if merge else model
 
 
 def export_hf(model, folder):
@@ -383,16 +414,19 @@ def export_hf(model, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
+    if any(".lora_" in name for name in model.state_dict()):
+        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (merge_lora(model) from model.py)")
+    tied = model.lm_head.weight is model.wte.weight
     tensors = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and tied:
             continue  # tied to wte, as in OpenAI's files
         tensors[name] = t.t() if name.endswith(CONV1D) else t
     write_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
                  "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
                  "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "layer_norm_epsilon": 1e-5,
-                 "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
+                 "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": tied}
     _atomic_write(folder / "config.json", [json.dumps(hf_config, indent=2).encode()])
     return folder
 

@@ -249,9 +249,9 @@ class GPT(nn.Module):
 
     def quantize_int8(self):
         """Weight-only int8 for generation: every Linear, lm_head included, becomes an Int8Linear (wte stays as
-        it is for the embedding lookup). Irreversible; returns the model."""
+        it is for the embedding lookup). Irreversible, and for inference only; returns the model in eval mode."""
         replace_modules(self, nn.Linear, Int8Linear)
-        return self
+        return self.eval()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -365,6 +365,100 @@ class RowsLinear(nn.Module):
         return y if self.linear.bias is None else y + self.linear.bias
 
 
+# ----- LoRA: fine-tune a few low-rank adapters instead of every weight -----
+
+LORA_TARGETS = ("q", "k", "v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "head")  # every Linear (the book's)
+LORA_CHOICES = LORA_TARGETS + ("attn.c_attn",)  # attn.c_attn: one adapter on the fused q/k/v layer (as PEFT)
+
+
+class LoRALinear(nn.Linear):
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T.
+
+    The output may be `parts` equal slices (3 for c_attn: q, k, v), of which `adapted` get an adapter each, as
+    litgpt does on a fused q/k/v layer. B starts at zero, so fresh adapters change nothing: step 0 is the base model.
+    """
+
+    def __init__(self, linear, rank, alpha, dropout=0.0, parts=1, adapted=(0,)):
+        nn.Module.__init__(self)  # not nn.Linear's: keep the existing weight (it may be tied to wte) and bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.rank, self.scale, self.parts, self.adapted = rank, alpha / rank, parts, tuple(adapted)
+        w = self.weight
+        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(len(self.adapted), self.out_features // parts, rank, device=w.device,
+                                               dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises a weight (and PEFT A)
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def lora_B_full(self):
+        """B as one (out_features, adapted * rank) matrix: each adapted slice of rows reads its own rank columns."""
+        if self.parts == 1:
+            return self.lora_B[0]
+        full = self.lora_B.new_zeros(self.parts, self.out_features // self.parts, len(self.adapted) * self.rank)
+        for i, part in enumerate(self.adapted):
+            full[part, :, i * self.rank:(i + 1) * self.rank] = self.lora_B[i]
+        return full.view(self.out_features, -1)
+
+    def forward(self, x):
+        return super().forward(x) + (self.lora_dropout(x) @ self.lora_A.t()) @ self.lora_B_full().t() * self.scale
+
+    def merged(self):
+        """A plain nn.Linear computing the same: W + (alpha / rank) B A."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        with torch.no_grad():
+            delta = (self.lora_B_full().float() @ self.lora_A.float()) * self.scale
+            linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype))
+        linear.bias = self.bias
+        return linear
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze every parameter of model (a GPT, or a module holding one) and give the targets trainable adapters.
+
+    targets: q, k, v (each its own adapter on a slice of the fused attn.c_attn) or attn.c_attn (one adapter on it
+    all), attn.c_proj, mlp.c_fc, mlp.c_proj, head (model.head where there is one, as in a classifier; else
+    lm_head). Returns model.
+    """
+    targets = check_lora_targets(targets)
+    if rank < 1:
+        raise ValueError(f"LoRA rank {rank} must be at least 1")
+    qkv = tuple(i for i, t in enumerate("qkv") if t in targets)
+    whole = [t for t in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") if t in targets]
+    head = "head" if hasattr(model, "head") else "lm_head"  # the output layer: a classifier's, or the LM's
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if name.endswith("attn.c_attn") and qkv:
+            lora = LoRALinear(module, rank, alpha, dropout, parts=3, adapted=qkv)
+        elif any(name.endswith(t) for t in whole) or ("head" in targets and name == head):
+            lora = LoRALinear(module, rank, alpha, dropout)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, lora)
+    return model
+
+
+def check_lora_targets(targets):
+    """targets as a set, or a ValueError saying what is wrong with them."""
+    targets = set(targets)
+    if unknown := targets - set(LORA_CHOICES):
+        raise ValueError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}: choose from {', '.join(LORA_CHOICES)}")
+    if not targets:
+        raise ValueError(f"no LoRA targets: choose from {', '.join(LORA_CHOICES)}")
+    if targets & {"q", "k", "v"} and "attn.c_attn" in targets:
+        raise ValueError("LoRA targets q/k/v and attn.c_attn both adapt the fused attention input: choose one")
+    return targets
+
+
+def merge_lora(model):
+    """Fold every adapter into its weight: the same outputs from plain Linears, all parameters trainable again.
+    A merged lm_head has its own weight, no longer tied to wte. Returns model."""
+    replace_modules(model, LoRALinear, LoRALinear.merged)
+    return model.requires_grad_(True)
+
+
 class Int8Linear(nn.Module):
     """A Linear with int8 weights and one scale per output row (symmetric, weight-only quantization).
 
@@ -375,12 +469,18 @@ class Int8Linear(nn.Module):
     def __init__(self, linear):
         super().__init__()
         w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # each row's largest weight becomes +-127
-        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        # each row's largest weight becomes +-127; rounding with the stored (bf16) scale keeps every weight within
+        # half a step of its int8 value: |w - q * scale| <= scale / 2
+        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        self.register_buffer("weight", torch.round(w / scales.float()[:, None]).to(torch.int8))
+        self.register_buffer("scales", scales)
         self.bias = linear.bias
 
     def forward(self, x):
+        if self.training:
+            raise RuntimeError("this model's Linear layers are quantized to int8 (quantize_int8), which is for "
+                               "generation only: int8 weights cannot be trained. Fine-tune the float model (LoRA "
+                               "keeps the memory low: lora_rank=16) and quantize the result.")
         if x.device.type == "cpu":
             rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
             y = torch._weight_int8pack_mm(rows, self.weight, self.scales).to(x.dtype).view(*x.shape[:-1], -1)

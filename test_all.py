@@ -23,11 +23,14 @@ import torch
 
 import load_gpt2
 import prepare as pp
-from classify import Classifier, LabelledSplit, collate_labelled, freeze, load_classifier, pool, read_checkpoint
+from classify import (Classifier, LabelledSplit, collate_labelled, freeze, head_trains_unless_adapted, load_classifier,
+                      pool, read_checkpoint)
 from configurator import configure
-from finetune import IGNORE, collate, length_grouped_batches, make_optimizer, padding_fraction, save_atomic
+from finetune import (IGNORE, collate, length_grouped_batches, make_optimizer, padding_fraction, save_atomic,
+                      trainable_line)
 from load_gpt2 import DownloadError, export_hf, load_gpt2 as load, read_safetensors, write_safetensors
-from model import GPT, GPTConfig, Int8Linear, RowsLinear, filter_logits, sample_next
+from model import (GPT, LORA_TARGETS, GPTConfig, Int8Linear, LoRALinear, RowsLinear, add_lora, filter_logits, merge_lora,
+                   sample_next)
 from prepare import ALPACA_TEMPLATE, format_prompt, load_records, load_split, prepare
 from sample import TextStream
 
@@ -1094,9 +1097,8 @@ def test_trainable_modes_freeze_exactly_what_they_say(trainable):
     expected = {"head": n_params(clf.head), "last": n_params(clf.head, gpt.ln_f, gpt.h[-1]),
                 "0": n_params(clf.head, gpt.ln_f), "2": n_params(clf.head, gpt.ln_f, gpt.h[-2], gpt.h[-1]),
                 "all": n_params(clf)}[trainable]
-    n_trainable, n_total = freeze(clf, trainable)
-    assert n_trainable == expected == sum(p.numel() for p in clf.parameters() if p.requires_grad)
-    assert n_total == n_params(clf)  # the tied lm_head / wte counted once
+    freeze(clf, trainable)
+    assert sum(p.numel() for p in clf.parameters() if p.requires_grad) == expected
     groups = make_optimizer(clf, 1e-3, 0.1, (0.9, 0.999), "cpu").param_groups
     assert sum(p.numel() for g in groups for p in g["params"]) == expected
     assert gpt.wte.weight.requires_grad == (trainable == "all") == gpt.h[0].attn.c_attn.weight.requires_grad
@@ -1105,7 +1107,7 @@ def test_trainable_modes_freeze_exactly_what_they_say(trainable):
 def test_trainable_last_on_gpt2_is_the_books_7_1m_of_124m():
     with torch.device("meta"):  # shapes only
         clf = Classifier(GPT(GPTConfig.from_name("gpt2")), 2)
-    assert freeze(clf, "last") == (7_090_946, 124_441_346)  # last block + ln_f + 768 x 2 head
+    assert trainable_line(freeze(clf, "last"), None).startswith("7,090,946 of 124,441,346 parameters trainable")
 
 
 # ----------------------------------------------------------------------------- the script on real data
@@ -1160,7 +1162,7 @@ def test_small_training_subset_is_learned_to_100_percent(fitted):
     assert metrics["accuracy"]["train"] == 1.0
     log = epoch_log(out)
     assert [r["epoch"] for r in log] == list(range(1, 9)) and log[-1]["train_loss"] < log[0]["train_loss"] / 10
-    assert "3,333,058 trainable parameters of 3,333,058 (100%" in stdout and "accuracy: train 100.00%" in stdout
+    assert "3,333,058 of 3,333,058 parameters trainable (100%; trainable=all)" in stdout and "accuracy: train 100.00%" in stdout
     assert "epoch 8/8 | train loss" in stdout and "test confusion" in stdout
 
 
@@ -1290,6 +1292,179 @@ def test_ddp_on_two_processes_evaluates_like_one(classify_run):
 def test_load_gpt2_says_a_classifier_is_not_a_language_model(fitted):
     with pytest.raises(ValueError, match=r"is a text classifier \(ham, spam\) written by classify.py"):
         load(fitted[0] / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def trainable_params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_parameter_counts_are_the_books():
+    # rank 16 on q, k, v, attn.c_proj, mlp.c_fc, mlp.c_proj and the output head ("Build a LLM from scratch")
+    with torch.device("meta"):  # shapes only
+        medium = add_lora(GPT(GPTConfig.from_name("gpt2-medium")), rank=16, alpha=16)
+        spam = head_trains_unless_adapted(add_lora(Classifier(GPT(GPTConfig.from_name("gpt2")), 2), 16, 16),
+                                          {"targets": LORA_TARGETS})
+        fused = add_lora(GPT(GPTConfig.from_name("gpt2")), 16, 16, targets=("attn.c_attn",))
+    assert sum(p.numel() for p in trainable_params(medium).values()) == 7_898_384  # appendix E / ch07
+    assert sum(p.numel() for p in trainable_params(spam).values()) == 2_666_528  # spam classifier, gpt2
+    assert sum(p.numel() for p in trainable_params(fused).values()) == 12 * 16 * (768 + 3 * 768)  # one A, one B
+
+
+def test_lora_starts_at_the_base_model_and_trains_only_adapters(tiny):
+    torch.manual_seed(0)
+    gpt = load(tiny[1])
+    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        base = gpt(idx)[0]
+    add_lora(gpt, rank=4, alpha=8, targets=("q", "v", "mlp.c_fc", "head"))
+    with torch.no_grad():
+        assert torch.equal(gpt(idx)[0], base)  # B = 0: exactly the base model
+    frozen = {n: p.detach().clone() for n, p in gpt.named_parameters() if not p.requires_grad}
+    assert set(trainable_params(gpt)) == {f"h.{i}.{m}.lora_{ab}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
+                                          for ab in "AB"} | {"lm_head.lora_A", "lm_head.lora_B"}
+    opt = make_optimizer(gpt.train(), 1e-2, 0.1, (0.9, 0.95), "cpu")
+    gpt(idx, idx)[1].backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in gpt.named_parameters() if n in frozen)
+    assert all(p.abs().sum() > 0 for n, p in gpt.named_parameters() if n.endswith("lora_B"))
+    assert gpt.lm_head.weight is gpt.wte.weight  # the adapter sits beside the tied head, which stays frozen
+
+
+def randomised_adapters(gpt, **lora):
+    add_lora(gpt, **lora)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    return gpt
+
+
+def test_merged_lora_equals_adapters_and_exports_as_plain_gpt2(tiny, tmp_path):
+    torch.manual_seed(0)
+    gpt = randomised_adapters(load(tiny[1]), rank=4, alpha=16, targets=("q", "k", "attn.c_proj", "mlp.c_proj", "head"))
+    idx = torch.randint(0, 50257, (2, 25), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        adapted = gpt(idx)[0]
+        merge_lora(gpt)
+        assert not any(isinstance(m, LoRALinear) for m in gpt.modules())
+        assert (gpt(idx)[0] - adapted).abs().max().item() <= 1e-5
+    assert gpt.lm_head.weight is not gpt.wte.weight and torch.equal(gpt.wte.weight, load(tiny[1]).wte.weight)
+    export_hf(gpt, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert max_logit_diff(hf, gpt, idx) <= 1e-5  # transformers reads the merged, untied model
+    assert max_logit_diff(hf, load(tmp_path / "merged"), idx) <= 1e-5  # and so do we
+
+
+def test_lora_checkpoint_loads_merged_or_as_adapters(tiny, tmp_path):
+    torch.manual_seed(0)
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    gpt = randomised_adapters(load(tiny[1]), **lora)
+    torch.save({"model": gpt.state_dict(), "model_config": vars(gpt.config), "lora": lora}, tmp_path / "ckpt.pt")
+    idx = torch.randint(0, 50257, (2, 25), generator=torch.Generator().manual_seed(9))
+    merged, unmerged = load(tmp_path / "ckpt.pt"), load(tmp_path / "ckpt.pt", merge_lora=False)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert sum(isinstance(m, LoRALinear) for m in unmerged.modules()) == 2 * 4 + 1
+    with torch.no_grad():
+        assert torch.equal(unmerged(idx)[0], gpt(idx)[0])
+        assert (merged(idx)[0] - gpt(idx)[0]).abs().max().item() <= 1e-5
+    torch.save({"model": gpt.state_dict(), "model_config": vars(gpt.config), "lora": {**lora, "rank": 8}},
+               tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="LoRA tensors do not fit rank 8"):
+        load(tmp_path / "wrong.pt")
+
+
+def test_lora_targets_are_checked():
+    gpt = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    for targets, message in ((("q", "attn.c_attn"), "choose one"), (("query",), "unknown LoRA target")):
+        with pytest.raises(ValueError, match=message):
+            add_lora(gpt, 4, 8, targets=targets)
+    assert all(p.requires_grad for p in gpt.parameters())  # a refused call changes nothing
+
+
+def test_finetune_with_lora_trains_adapters_and_resumes_exactly(finetune_run):
+    # a constant lr (min_lr = lr), so 3 iterations + a resume to 6 follow the same schedule as 6 at once
+    common = ["--lora_rank=4", "--lora_alpha=8", "--lora_dropout=0.1", "--dtype=float32", "--lr=1e-2",
+              "--min_lr=1e-2", "--eval_interval=3", "--eval_prompts=0"]
+    straight = finetune_run(*common, "--max_iters=6", "--out_dir=out/lora")
+    # per block q, k, v 3 x 4 x (64 + 64), attn.c_proj 4 x (64 + 64), mlp.c_fc and mlp.c_proj 4 x (64 + 256) each;
+    # the head 4 x (64 + 50257): 210,500 of the tiny model's 3,332,928 + 210,500
+    assert ("210,500 of 3,543,428 parameters trainable (5.94%; LoRA rank 4, alpha 8 on q,k,v,attn.c_proj,mlp.c_fc,"
+            "mlp.c_proj,head)") in straight.stdout
+    finetune_run(*common, "--max_iters=3", "--out_dir=out/lora-resumed")
+    finetune_run(*common, "--max_iters=6", "--out_dir=out/lora-resumed", "--resume=True")
+    root = finetune_run.root
+    assert logged(root / "out/lora/log.jsonl") == logged(root / "out/lora-resumed/log.jsonl")  # bit for bit
+    ckpt = torch.load(root / "out/lora/ckpt.pt", weights_only=True)
+    base = load(root / "tiny").state_dict()
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in base.items())  # the model itself stayed frozen
+    assert ckpt["lora"]["rank"] == 4 and any(".lora_B" in k for k in ckpt["model"])
+    gpt = load(root / "out/lora/ckpt.pt")  # what sample.py and export_hf see: a plain GPT-2
+    assert not any(isinstance(m, LoRALinear) for m in gpt.modules())
+    other = finetune_run(*common, "--lora_rank=8", "--max_iters=6", "--out_dir=out/lora", "--resume=True", check=False)
+    assert other.returncode == 2 and "resume with the same lora_* settings" in other.stderr
+
+
+def test_lora_with_ddp_on_two_processes_equals_one_process(finetune_run):
+    common = ["--max_iters=2", "--eval_interval=2", "--dtype=float32", "--batch_size=4", "--eval_prompts=0",
+              "--lora_rank=4", "--lr=1e-2"]
+    finetune_run(*common, "--grad_accum=2", "--out_dir=out/lora-one")
+    finetune_run(*common, "--grad_accum=1", "--out_dir=out/lora-two",
+                 launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"))
+    one, two = (logged(finetune_run.root / f"out/{d}/log.jsonl") for d in ("lora-one", "lora-two"))
+    assert list(one) == list(two) == [1, 2] and all(abs(one[i] - two[i]) < 1e-5 for i in one)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora_rank=-1"], "lora_rank=-1 must be 0 (off) or a rank of at least 1"),
+    (["--lora_rank=4", "--lora_targets=q,attn.c_attn"], "choose one"),
+    (["--lora_rank=4", "--lora_targets=query"], "unknown LoRA target(s) query"),
+    (["--lora_rank=4", "--lora_alpha=0"], "lora_alpha=0.0 must be positive"),
+])
+def test_bad_lora_settings_are_rejected_in_one_line(finetune_run, args, message):
+    result = finetune_run(*args, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_classifier_with_lora_trains_adapters_and_predicts_merged(classify_run):
+    result = classify_run("--lora_rank=4", "--lora_targets=q,v", "--train_subset=32", "--epochs=2", "--lr=1e-3",
+                          "--out_dir=out/lora")
+    # adapters on q and v of both blocks (2 x 2 x 4 x (64 + 64)) and the new head in full (64 x 2 + 2)
+    assert "2,178 of 3,335,106 parameters trainable (0.0653%; LoRA rank 4, alpha 16 on q,v)" in result.stdout
+    ckpt = torch.load(classify_run.root / "out/lora/ckpt.pt", weights_only=True)
+    assert ckpt["lora"]["targets"] == ["q", "v"] and "gpt.h.0.attn.c_attn.lora_A" in ckpt["model"]
+    merged = load_classifier(ckpt)
+    unmerged = load_classifier(ckpt, merge_lora=False)
+    idx, lengths = torch.randint(0, 50257, (2, 12)), torch.tensor([12, 7])
+    with torch.no_grad():
+        assert (merged(idx, lengths)[0] - unmerged(idx, lengths)[0]).abs().max().item() <= 1e-5
+    predicted = classify_run(f"--model={classify_run.root / 'out/lora/ckpt.pt'}", "--text=WINNER!! Claim your prize")
+    assert predicted.stdout.split("\t")[0] in ("ham", "spam")
+
+
+# ----------------------------------------------------------------------------- int8
+
+def test_int8_weights_are_within_half_a_step_in_every_layer(tiny):
+    gpt = load(tiny[1])
+    originals = {n: m.weight.detach().clone() for n, m in gpt.named_modules() if isinstance(m, torch.nn.Linear)}
+    gpt.quantize_int8()
+    for name, w in originals.items():
+        m = gpt.get_submodule(name)
+        scale = m.scales.float()[:, None]
+        error = (w - m.weight.float() * scale).abs()
+        assert (error <= scale / 2 + 1e-7).all(), name  # round-to-nearest with the scale that is stored
+        assert m.weight.abs().max() == 127  # each row's largest weight uses the whole range
+    assert len(originals) == 2 * 4 + 1
+
+
+def test_a_quantized_model_refuses_to_train(tiny):
+    gpt = load(tiny[1]).quantize_int8()
+    assert not gpt.training
+    idx = torch.randint(0, 50257, (1, 10))
+    with pytest.raises(RuntimeError, match="int8 weights cannot be trained"):
+        gpt.train()(idx, idx)
 
 
 # ----------------------------------------------------------------------------- sample.py
