@@ -220,7 +220,7 @@ def lora_settings(c):
 
 
 def trainable_line(model, lora, otherwise="every weight"):
-    """'7,898,384 of 414,720,400 parameters trainable (1.9%; LoRA rank 16 ...)' for the first printout."""
+    """'7,898,384 of 362,721,552 parameters trainable (2.18%; LoRA rank 16, ...)' for the first printout."""
     params = list(model.parameters())  # each tied tensor once
     n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     how = f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {','.join(lora['targets'])}" if lora else otherwise
