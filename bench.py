@@ -178,9 +178,11 @@ def bench_train():
     """Tokens/s of one full training step (forward, backward, fused AdamW) on the gpt2 (124M) config at
     batch x block tokens, ours and transformers' GPT2LMHeadModel on the same weights, bf16 autocast for both."""
     import multiprocessing
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
     from finetune import keep_freed_memory, make_optimizer
     from load_gpt2 import load_gpt2
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
     folder = tempfile.mkdtemp()
     GPT2LMHeadModel(GPT2Config(n_positions=1024)).save_pretrained(folder)
@@ -255,7 +257,8 @@ def bench_int8():
         fp32 = GPT(GPTConfig.from_name(name)).eval()
         variants = {}
         for p in precisions:
-            gpt = fp32 if p == "fp32" else copy.deepcopy(fp32).to(torch.bfloat16 if p.startswith("bf16") else torch.float32)
+            dtype = torch.bfloat16 if p.startswith("bf16") else torch.float32
+            gpt = fp32 if p == "fp32" else copy.deepcopy(fp32).to(dtype)
             variants[p] = ready(gpt, "int8" if p.startswith("int8") else "none", p.endswith("+compile"))
             variants[p].generate(torch.zeros(1, prompt_len, dtype=torch.long), 4, temperature=0)  # warm up (compile)
         prompts = torch.randint(0, 50257, (quality_prompts, prompt_len), generator=torch.Generator().manual_seed(seed))

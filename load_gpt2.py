@@ -415,7 +415,7 @@ def export_hf(model, folder):
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     if any(".lora_" in name for name in model.state_dict()):
-        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (merge_lora(model) from model.py)")
+        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (model.merge_lora)")
     tied = model.lm_head.weight is model.wte.weight
     tensors = {}
     for name, t in model.state_dict().items():

@@ -383,10 +383,9 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.rank, self.scale, self.parts, self.adapted = rank, alpha / rank, parts, tuple(adapted)
-        w = self.weight
-        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(len(self.adapted), self.out_features // parts, rank, device=w.device,
-                                               dtype=w.dtype))
+        like = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, self.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(len(self.adapted), self.out_features // parts, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises a weight (and PEFT A)
         self.lora_dropout = nn.Dropout(dropout)
 
