@@ -76,6 +76,7 @@ class Classifier(nn.Module):
 
     def __init__(self, gpt, num_classes, pooling="last_real"):
         super().__init__()
+        gpt.tie_weights()  # lm_head is never used here: an untied one (a merged LoRA head) would be trained for nothing
         self.gpt, self.pooling = gpt, pooling
         self.head = nn.Linear(gpt.config.n_embd, num_classes)
 
@@ -218,9 +219,9 @@ def read_checkpoint(path):
     fail(f"{path} is not a classifier checkpoint (it has no kind='classifier'): use one written by classify.py")
 
 
-def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True):
-    """The Classifier of a checkpoint dict, its GPT part checked and built by load_gpt2; LoRA adapters merged
-    into the weights, or kept (merge_lora=False, to resume)."""
+def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True, path="the checkpoint"):
+    """The Classifier of a checkpoint dict (read from path), its GPT part checked and built by load_gpt2; LoRA
+    adapters merged into the weights, or kept (merge_lora=False, to resume). A ValueError says what does not fit."""
     config = GPTConfig(**ckpt["model_config"])
     weights = {k: v for k, v in ckpt["model"].items() if ".lora_" not in k}
     state = {k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")}
@@ -229,7 +230,7 @@ def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True):
                      ckpt["pooling"]).to(device)
     clf.head.load_state_dict({k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")})
     adapters = {k: v for k, v in ckpt["model"].items() if ".lora_" in k}
-    clf = restore_lora(clf, ckpt.get("lora"), adapters, merge_lora, "the classifier checkpoint")
+    clf = restore_lora(clf, ckpt.get("lora"), adapters, merge_lora, path)
     return clf if merge_lora else head_trains_unless_adapted(clf, ckpt.get("lora"))
 
 
@@ -255,7 +256,11 @@ def predict():
     dev = pick_device(device)
     amp_dtype = pick_dtype(dtype, dev.split(":")[0])
     ctx = torch.autocast(dev.split(":")[0], dtype=amp_dtype) if amp_dtype else nullcontext()
-    clf, enc, labels = load_classifier(ckpt, dev).eval(), tiktoken.get_encoding("gpt2"), ckpt["labels"]
+    try:
+        clf = load_classifier(ckpt, dev, path=model).eval()
+    except ValueError as e:
+        fail(str(e))
+    enc, labels = tiktoken.get_encoding("gpt2"), ckpt["labels"]
     for i in range(0, len(messages), batch_size):
         group = messages[i:i + batch_size]
         batch = [(enc.encode_ordinary(m), 0) for m in group]
@@ -276,6 +281,9 @@ def check_settings(c):
                                                              "grad_clip", "train_subset") if c[k] < 0]
     if c["trainable"] not in ("head", "last", "all") and not c["trainable"].isdigit():
         problems.append(f"trainable='{c['trainable']}' must be head, last, all or a number of last blocks")
+    if c["lora_rank"] > 0 and c["trainable"] != "last":
+        problems.append(f"trainable='{c['trainable']}' does not go with LoRA (lora_rank={c['lora_rank']}): the "
+                        f"adapters are what trains; leave trainable out")
     if c["pooling"] not in ("last_real", "last"):
         problems.append(f"pooling='{c['pooling']}' must be last_real or last")
     return problems + check_machinery(c)
@@ -316,7 +324,10 @@ def build_model(labels, out, dev, lora):
             or ckpt.get("lora") != lora):
         fail(f"{ckpt_path} was trained with labels {ckpt['labels']}, trainable={saved['trainable']}, pooling="
              f"{saved['pooling']}, LoRA {ckpt.get('lora')}: resume with the same settings, or use another out_dir")
-    return load_classifier(ckpt, dev, dropout, merge_lora=False), ckpt
+    try:
+        return load_classifier(ckpt, dev, dropout, merge_lora=False, path=ckpt_path), ckpt
+    except ValueError as e:
+        fail(str(e))
 
 
 def main(config):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import PRESETS, add_lora, check_lora_targets
+from model import LORA_CHOICES, PRESETS, add_lora, check_lora_targets
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a previous run's ckpt.pt
@@ -215,8 +215,10 @@ def lora_settings(c):
     """The LoRA settings a checkpoint records (add_lora's arguments), or None for training every weight."""
     if c["lora_rank"] <= 0:
         return None
+    given = {t.strip() for t in c["lora_targets"].split(",") if t.strip()}
+    order = {t: i for i, t in enumerate(LORA_CHOICES)}  # one order, so 'v,q' resumes a run saved as 'q,v'
     return {"rank": c["lora_rank"], "alpha": float(c["lora_alpha"]), "dropout": c["lora_dropout"],
-            "targets": [t.strip() for t in c["lora_targets"].split(",") if t.strip()]}
+            "targets": sorted(given, key=lambda t: (order.get(t, len(order)), t))}
 
 
 def trainable_line(model, lora, otherwise="every weight"):
@@ -423,13 +425,18 @@ def main(config):
     ckpt_path = out / "ckpt.pt"
     if resume and not ckpt_path.exists():
         fail(f"resume=True but there is no checkpoint at {ckpt_path}; run without resume to start a new run")
-    if resume and model in PRESETS:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["model_config"]
-        if any(saved[k] != v for k, v in PRESETS[model].items()):
-            fail(f"{ckpt_path} holds a model with n_layer={saved['n_layer']}, n_embd={saved['n_embd']}, not "
-                 f"{model}: resume with the --model it was trained from, or use another out_dir")
     lora = lora_settings(config)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True) if resume else None
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True) if resume else None
+    except Exception as e:
+        fail(f"could not read {ckpt_path} to resume ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+             f"run without resume=True, or with another out_dir, to start a new run")
+    if ckpt is not None and not (isinstance(ckpt, dict) and {"model_config", "optimizer"} <= ckpt.keys()):
+        fail(f"{ckpt_path} is not a checkpoint of finetune.py: it cannot be resumed; use another out_dir")
+    if ckpt and model in PRESETS and any(ckpt["model_config"][k] != v for k, v in PRESETS[model].items()):
+        saved = ckpt["model_config"]
+        fail(f"{ckpt_path} holds a model with n_layer={saved['n_layer']}, n_embd={saved['n_embd']}, not "
+             f"{model}: resume with the --model it was trained from, or use another out_dir")
     if ckpt and ckpt.get("lora") != lora:
         fail(f"{ckpt_path} was trained with LoRA settings {ckpt.get('lora')}, not {lora}: resume with the same "
              f"lora_* settings, or use another out_dir")

@@ -399,6 +399,8 @@ def restore_lora(model, lora, adapters, merge, path):
         if adapters:
             raise ValueError(f"{path} holds LoRA tensors ({next(iter(adapters))}, ...) but no 'lora' settings")
         return model
+    if not isinstance(lora, dict) or set(lora) != {"rank", "alpha", "dropout", "targets"}:
+        raise ValueError(f"{path} has LoRA settings {lora!r}; expected rank, alpha, dropout and targets")
     add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
     expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_" in k}
     if expected != {k: v.shape for k, v in adapters.items()}:
@@ -415,7 +417,7 @@ def export_hf(model, folder):
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     if any(".lora_" in name for name in model.state_dict()):
-        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (model.merge_lora)")
+        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (merge_lora in model.py)")
     tied = model.lm_head.weight is model.wte.weight
     tensors = {}
     for name, t in model.state_dict().items():

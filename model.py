@@ -74,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         if pos is not None:
             k, v = self.kv_cache.update(pos, k, v)
         dropout = self.dropout if self.training else 0.0
-        if self.training and x.device.type == "cpu" and k.size(2) <= 512:
+        if self.training and pos is None and x.device.type == "cpu" and T <= 512:
             y = attention_by_matmul(q, k, v, mask, dropout)
         else:
             # with no mask, queries and keys are the same positions, so plain causal masking is right,
@@ -86,7 +86,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention_by_matmul(q, k, v, mask=None, dropout=0.0):
-    """What F.scaled_dot_product_attention computes (causal where mask is None), as plain matmuls.
+    """What F.scaled_dot_product_attention computes (causal where mask is None; queries and keys the same
+    positions), as plain matmuls. Under bf16 autocast the attention weights stay in bf16 (SDPA keeps fp32).
 
     For training on the CPU: up to 512 tokens, PyTorch's CPU flash-attention kernel takes twice as long for
     forward and backward as these batched matmuls (bench.py --what=train), and the (T, T) weights stay small.
@@ -250,6 +251,8 @@ class GPT(nn.Module):
     def quantize_int8(self):
         """Weight-only int8 for generation: every Linear, lm_head included, becomes an Int8Linear (wte stays as
         it is for the embedding lookup). Irreversible, and for inference only; returns the model in eval mode."""
+        if any(isinstance(m, LoRALinear) for m in self.modules()):
+            raise ValueError("merge the LoRA adapters into the weights (merge_lora) before quantizing to int8")
         replace_modules(self, nn.Linear, Int8Linear)
         return self.eval()
 

@@ -26,8 +26,8 @@ import prepare as pp
 from classify import (Classifier, LabelledSplit, collate_labelled, freeze, head_trains_unless_adapted, load_classifier,
                       pool, read_checkpoint)
 from configurator import configure
-from finetune import (IGNORE, collate, length_grouped_batches, make_optimizer, padding_fraction, save_atomic,
-                      trainable_line)
+from finetune import (IGNORE, collate, length_grouped_batches, lora_settings, make_optimizer, padding_fraction,
+                      save_atomic, trainable_line)
 from load_gpt2 import DownloadError, export_hf, load_gpt2 as load, read_safetensors, write_safetensors
 from model import (GPT, LORA_TARGETS, GPTConfig, Int8Linear, LoRALinear, RowsLinear, add_lora, filter_logits, merge_lora,
                    sample_next)
@@ -117,6 +117,13 @@ def test_training_gradients_match_reference(tmp_path):
     ref_attn = hf.transformer.h[1].attn.c_attn.weight.grad.t()  # transformers' Conv1D stores (in, out)
     assert torch.allclose(ours.h[1].attn.c_attn.weight.grad, ref_attn, atol=1e-7, rtol=1e-4)
     assert torch.allclose(ours.wte.weight.grad, hf.transformer.wte.weight.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_generation_in_training_mode_equals_eval_mode(tiny):
+    # training mode on the CPU takes the matmul attention; decoding through the KV cache must not
+    gpt = load(tiny[1])
+    prompt = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(gpt.train().generate(prompt, 12, temperature=0), gpt.eval().generate(prompt, 12, temperature=0))
 
 
 def hub_style_state_dict(hf):
@@ -1382,6 +1389,15 @@ def test_lora_targets_are_checked():
         with pytest.raises(ValueError, match=message):
             add_lora(gpt, 4, 8, targets=targets)
     assert all(p.requires_grad for p in gpt.parameters())  # a refused call changes nothing
+    settings = {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": "head, v,q"}
+    assert lora_settings(settings)["targets"] == ["q", "v", "head"]  # one order: a resume compares them
+
+
+def test_a_classifier_ties_the_lm_head_it_never_uses(tiny, tmp_path):
+    gpt = randomised_adapters(load(tiny[1]), rank=4, alpha=8, targets=("head",))
+    merge_lora(gpt)  # a merged LoRA head: untied from wte
+    clf = freeze(Classifier(gpt, 2), "all")
+    assert clf.gpt.lm_head.weight is clf.gpt.wte.weight  # so nothing unused trains (DDP would refuse it)
 
 
 def test_finetune_with_lora_trains_adapters_and_resumes_exactly(finetune_run):
@@ -1405,6 +1421,9 @@ def test_finetune_with_lora_trains_adapters_and_resumes_exactly(finetune_run):
     assert not any(isinstance(m, LoRALinear) for m in gpt.modules())
     other = finetune_run(*common, "--lora_rank=8", "--max_iters=6", "--out_dir=out/lora", "--resume=True", check=False)
     assert other.returncode == 2 and "resume with the same lora_* settings" in other.stderr
+    (root / "out/lora/ckpt.pt").write_bytes(b"half a checkpoint")  # e.g. copied over by hand, cut short
+    broken = finetune_run(*common, "--max_iters=6", "--out_dir=out/lora", "--resume=True", check=False)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr and "could not read" in broken.stderr
 
 
 def test_lora_with_ddp_on_two_processes_equals_one_process(finetune_run):
@@ -1442,6 +1461,11 @@ def test_classifier_with_lora_trains_adapters_and_predicts_merged(classify_run):
         assert (merged(idx, lengths)[0] - unmerged(idx, lengths)[0]).abs().max().item() <= 1e-5
     predicted = classify_run(f"--model={classify_run.root / 'out/lora/ckpt.pt'}", "--text=WINNER!! Claim your prize")
     assert predicted.stdout.split("\t")[0] in ("ham", "spam")
+    torch.save({**ckpt, "lora": {**ckpt["lora"], "rank": 8}}, classify_run.root / "out/lora/wrong.pt")
+    wrong = classify_run(f"--model={classify_run.root / 'out/lora/wrong.pt'}", "--text=hello", check=False)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "do not fit rank 8" in wrong.stderr
+    both = classify_run("--lora_rank=4", "--trainable=all", check=False)
+    assert both.returncode == 2 and "does not go with LoRA" in both.stderr
 
 
 # ----------------------------------------------------------------------------- int8
@@ -1465,6 +1489,8 @@ def test_a_quantized_model_refuses_to_train(tiny):
     idx = torch.randint(0, 50257, (1, 10))
     with pytest.raises(RuntimeError, match="int8 weights cannot be trained"):
         gpt.train()(idx, idx)
+    with pytest.raises(ValueError, match="merge the LoRA adapters"):
+        add_lora(load(tiny[1]), 4, 8).quantize_int8()
 
 
 # ----------------------------------------------------------------------------- sample.py
