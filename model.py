@@ -1,5 +1,5 @@
 """
-GPT-2 in one file of plain PyTorch: the model, a KV cache and generation.
+GPT-2 in one file of plain PyTorch: the model, a KV cache and generation, int8 weights and LoRA adapters.
 
 It gives the same logits as OpenAI's GPT-2 (and Hugging Face's GPT2LMHeadModel) for the same weights, so
 the names below follow GPT-2's own (wte, wpe, h, ln_1, attn.c_attn, ...) and loading weights is a table.
