@@ -62,11 +62,16 @@ def memory_bandwidth(size_mb=1024, runs=5):
     return x.numel() * 4 / best
 
 
+def model_bytes(gpt):
+    """Memory the model's weights take: every parameter and buffer, tied tensors once."""
+    tensors = {id(t): t for t in [*gpt.parameters(), *gpt.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def bytes_per_token(gpt):
     """The weights a decode step reads: every parameter and buffer once, except the embeddings, of which it reads
     a row (wte is read in full only while it is also the output layer)."""
-    tensors = {id(t): t for t in [*gpt.parameters(), *gpt.buffers()]}.values()  # tied weights once
-    total = sum(t.numel() * t.element_size() for t in tensors)
+    total = model_bytes(gpt)
     skipped = [gpt.wpe.weight] + ([gpt.wte.weight] if gpt.lm_head.weight is not gpt.wte.weight else [])
     return total - sum(t.numel() * t.element_size() for t in skipped)
 
@@ -233,12 +238,6 @@ def bench_train():
         print(f"  {name:<48} {took * 1000:>8.0f} {tokens / took:>7.0f}  "
               f"{medians['transformers, in this process (malloc tuned)'] / took:>12.2f}x  "
               f"{medians['transformers, own process (malloc as is)'] / took:>13.2f}x")
-
-
-def model_bytes(gpt):
-    """Memory the model's weights take: every parameter and buffer, tied tensors once."""
-    tensors = {id(t): t for t in [*gpt.parameters(), *gpt.buffers()]}.values()
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,9 +28,9 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from finetune import (EOT, Split, StopOnSigint, check_machinery, keep_freed_memory, length_grouped_batches,
-                      lora_settings, lr_at, make_optimizer, pick_device, pick_dtype, prepare_once, resolve_compile,
-                      resumed_log, rng_state, save_atomic, set_rng_state, setup_distributed, trainable_line)
+from finetune import (EOT, Split, StopOnSigint, check_machinery, device_and_autocast, length_grouped_batches,
+                      lora_settings, lr_at, make_optimizer, optimizer_step, prepare_once, resolve_compile, rng_state,
+                      save_atomic, set_rng_state, start_log, start_run, trainable_line)
 from load_gpt2 import DownloadError, build, check_state, load_gpt2, restore_lora
 from model import GPT, PRESETS, GPTConfig, add_lora
 from prepare import read_meta
@@ -253,9 +252,7 @@ def predict():
         messages = [line.removesuffix("\r") for line in lines if line.strip()]
     else:
         messages = [text]
-    dev = pick_device(device)
-    amp_dtype = pick_dtype(dtype, dev.split(":")[0])
-    ctx = torch.autocast(dev.split(":")[0], dtype=amp_dtype) if amp_dtype else nullcontext()
+    dev, _, _, ctx = device_and_autocast(device, dtype)
     try:
         clf = load_classifier(ckpt, dev, path=model).eval()
     except ValueError as e:
@@ -336,13 +333,8 @@ def main(config):
         fail("; ".join(problems))
     if text:
         return predict()
-    keep_freed_memory()
-    rank, world, ddp = setup_distributed()
+    rank, world, ddp, dev, device_type, amp_dtype, ctx = start_run(device, dtype)
     master = rank == 0
-    dev = pick_device(device)
-    device_type = dev.split(":")[0]
-    amp_dtype = pick_dtype(dtype, device_type)
-    ctx = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
     folder, meta = prepare_data(ddp, master)
     labels = meta["labels"]
@@ -379,9 +371,7 @@ def main(config):
     total_iters = epochs * steps_per_epoch
     log = []
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            log = resumed_log(out / "log.jsonl", start_iter)
+        log = start_log(out, resume, start_iter)
         print(f"{trainable_line(clf, lora, f'trainable={trainable}')} on {dev}, autocast {amp_dtype}, "
               f"{world} process(es); {len(train)} train / "
               f"{len(val)} val / {len(test)} test examples, labels {labels}; {epochs} epochs of {steps_per_epoch} "
@@ -413,12 +403,7 @@ def main(config):
             fail(f"the loss became {loss.item()} at iteration {it}: lower lr (now {lr}), or use dtype=bfloat16 or "
                  f"float32 instead of float16; {out / 'ckpt.pt'} holds the last epoch's state, if any", status=1)
         scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(clf.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, clf, grad_clip)
         # train loss and accuracy of the epoch come from its batches as they are trained: free, no extra pass
         stats += torch.tensor([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], device=dev)
         it, seen = it + 1, seen + len(y) * world

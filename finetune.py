@@ -180,6 +180,22 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), True
 
 
+def start_run(device, dtype):
+    """What every training run starts with: malloc settings, the process group (under torchrun), the device and
+    autocast. Returns (rank, world, ddp, device, device type, autocast dtype or None, autocast context)."""
+    keep_freed_memory()
+    rank, world, ddp = setup_distributed()
+    return (rank, world, ddp, *device_and_autocast(device, dtype))
+
+
+def device_and_autocast(device, dtype):
+    """(device, device type, autocast dtype or None, autocast context) for the device and dtype settings."""
+    dev = pick_device(device)
+    device_type = dev.split(":")[0]
+    amp_dtype = pick_dtype(dtype, device_type)
+    return dev, device_type, amp_dtype, torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+
 def prepare_once(dataset, ddp, master, **kwargs):
     """prepare.prepare(dataset, **kwargs) on rank 0 (download, tokenize) while the other processes wait;
     then every process reads the same folder."""
@@ -235,6 +251,16 @@ def make_optimizer(model, lr, weight_decay, betas, device_type):
     return torch.optim.AdamW(model.optim_groups(weight_decay), lr=lr, betas=betas, fused=fused)
 
 
+def optimizer_step(optimizer, scaler, model, grad_clip):
+    """Unscale the gradients (fp16's scaler), clip their norm to grad_clip (0: no clipping), step, clear them."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def lr_at(it, total, lr, min_lr, warmup):
     """Linear warmup, then cosine decay from lr to min_lr at the last iteration."""
     if it < warmup:
@@ -243,9 +269,12 @@ def lr_at(it, total, lr, min_lr, warmup):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def resumed_log(path, start_iter):
-    """The records of a run's log.jsonl up to its checkpoint's iteration (what came after is redone)."""
-    if not path.exists():
+def start_log(out, resume, start_iter):
+    """Make out_dir; return the log to go on with: after a resume, the records of its log.jsonl up to the
+    checkpoint's iteration (what came after is redone), else none."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "log.jsonl"
+    if not resume or not path.exists():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["iter"] <= start_iter]
 
@@ -392,13 +421,8 @@ def main(config):
     problems = check_settings(config)
     if problems:
         fail("; ".join(problems))
-    keep_freed_memory()
-    rank, world, ddp = setup_distributed()
+    rank, world, ddp, dev, device_type, amp_dtype, ctx = start_run(device, dtype)
     master = rank == 0
-    dev = pick_device(device)
-    device_type = dev.split(":")[0]
-    amp_dtype = pick_dtype(dtype, device_type)
-    ctx = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
     accum = grad_accum
     if global_batch_size:
         accum, rest = divmod(global_batch_size, batch_size * world)
@@ -471,9 +495,7 @@ def main(config):
     if master:
         grouped = length_grouped_batches(train.lengths, batch_size, seed, 0)
         shuffled = np.array_split(np.random.default_rng(seed).permutation(len(train)), len(grouped))
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            log = resumed_log(out / "log.jsonl", start_iter)
+        log = start_log(out, resume, start_iter)
         print(f"{trainable_line(raw, lora)} on {dev}, autocast {amp_dtype}, {world} process(es); "
               f"{len(train)} train / {len(val)} val / {len(test)} test examples; {total_iters} iterations of "
               f"{batch_size * accum * world} examples; padding is {padding_fraction(grouped, train.lengths):.1%} "
@@ -520,12 +542,7 @@ def main(config):
             last = f"the last checkpoint, {ckpt_path}, is from before it" if ckpt_path.exists() else "no checkpoint was written"
             fail(f"the loss became {loss_value} at iteration {it}: lower lr (now {lr}), use dtype=bfloat16 or "
                  f"float32 instead of float16, or lower grad_clip; {last}", status=1)
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, raw, grad_clip)
         it += 1
 
         if master and (it % log_interval == 0 or it in (start_iter + 1, total_iters)):  # the first at once

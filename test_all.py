@@ -69,6 +69,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def interrupted_at(prefix, cmd, cwd):
+    """Run cmd and send it SIGINT, as Ctrl-C does, once a line of its output starts with prefix: returns
+    (exit status, the output that came after that line)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            proc.send_signal(2)
+            break
+    rest = proc.stdout.read()  # before wait(): a full pipe would block the process
+    return proc.wait(), rest
+
+
 def max_logit_diff(hf, ours, idx):
     with torch.no_grad():
         return (hf(idx).logits - ours(idx)[0]).abs().max().item()
@@ -1009,17 +1021,11 @@ def test_finetune_loss_decreases_on_real_instructions(finetune_run):
 def test_finetune_sigint_saves_and_resume_continues_exactly(finetune_run):
     common = ["--max_iters=8", "--eval_interval=4", "--dtype=float32", "--dropout=0.1", "--lr=1e-3"]
     finetune_run(*common, "--out_dir=out/straight")
-    proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), f"--model={finetune_run.root / 'tiny'}",
-                             f"--dataset={finetune_run.root / 'instructions.json'}", "--test_responses=False",
-                             "--eval_prompts=0", "--log_interval=1", "--eval_iters=2", *common,
-                             "--out_dir=out/stopped"],
-                            cwd=finetune_run.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("iter 2/8"):
-            proc.send_signal(2)  # SIGINT, as Ctrl-C sends
-            break
-    rest = proc.stdout.read()
-    assert proc.wait() == 130 and "continue with --resume=True" in rest
+    status, rest = interrupted_at("iter 2/8", [
+        sys.executable, str(HERE / "finetune.py"), f"--model={finetune_run.root / 'tiny'}",
+        f"--dataset={finetune_run.root / 'instructions.json'}", "--test_responses=False", "--eval_prompts=0",
+        "--log_interval=1", "--eval_iters=2", *common, "--out_dir=out/stopped"], finetune_run.root)
+    assert status == 130 and "continue with --resume=True" in rest
     stopped_at = torch.load(finetune_run.root / "out/stopped/ckpt.pt", weights_only=True)["iter_num"]
     assert 2 <= stopped_at < 8
     finetune_run(*common, "--out_dir=out/stopped", "--resume=True")
@@ -1053,6 +1059,10 @@ def test_finetune_nan_loss_stops_with_a_message(finetune_run):
     (["--learning_rate=1"], "unknown config key 'learning_rate'"),
     (["--dataset=/nonexistent/data.json"], "/nonexistent/data.json"),
     (["--resume=True", "--out_dir=out/none"], "no checkpoint at out/none/ckpt.pt"),
+    (["--lora_rank=-1"], "lora_rank=-1 must be 0 (off) or a rank of at least 1"),
+    (["--lora_rank=4", "--lora_targets=q,attn.c_attn"], "choose one"),
+    (["--lora_rank=4", "--lora_targets=query"], "unknown LoRA target(s) query"),
+    (["--lora_rank=4", "--lora_alpha=0"], "lora_alpha=0.0 must be positive"),
 ])
 def test_finetune_rejects_bad_settings_in_one_line(finetune_run, args, message):
     result = finetune_run(*args, check=False)
@@ -1267,15 +1277,9 @@ def test_classifier_sigint_saves_and_resume_continues_exactly(classify_run):
     common = ["--train_subset=32", "--epochs=2", "--trainable=all", "--lr=1e-3", "--dropout=0.1", "--log_interval=1"]
     classify_run(*common, "--out_dir=out/straight")
     root = classify_run.root
-    proc = subprocess.Popen([sys.executable, str(HERE / "classify.py"), f"--model={root / 'tiny'}", "--dtype=float32",
-                             *common, "--out_dir=out/stopped"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("iter 2/8"):
-            proc.send_signal(2)  # SIGINT, as Ctrl-C sends
-            break
-    rest = proc.stdout.read()
-    assert proc.wait() == 130 and "continue with --resume=True" in rest
+    status, rest = interrupted_at("iter 2/8", [sys.executable, str(HERE / "classify.py"), f"--model={root / 'tiny'}",
+                                               "--dtype=float32", *common, "--out_dir=out/stopped"], root)
+    assert status == 130 and "continue with --resume=True" in rest
     assert 2 <= torch.load(root / "out/stopped/ckpt.pt", weights_only=True)["iter_num"] < 8
     classify_run(*common, "--out_dir=out/stopped", "--resume=True")
     keys = ("iter", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -1434,17 +1438,6 @@ def test_lora_with_ddp_on_two_processes_equals_one_process(finetune_run):
                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"))
     one, two = (logged(finetune_run.root / f"out/{d}/log.jsonl") for d in ("lora-one", "lora-two"))
     assert list(one) == list(two) == [1, 2] and all(abs(one[i] - two[i]) < 1e-5 for i in one)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--lora_rank=-1"], "lora_rank=-1 must be 0 (off) or a rank of at least 1"),
-    (["--lora_rank=4", "--lora_targets=q,attn.c_attn"], "choose one"),
-    (["--lora_rank=4", "--lora_targets=query"], "unknown LoRA target(s) query"),
-    (["--lora_rank=4", "--lora_alpha=0"], "lora_alpha=0.0 must be positive"),
-])
-def test_bad_lora_settings_are_rejected_in_one_line(finetune_run, args, message):
-    result = finetune_run(*args, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
 
 
 def test_classifier_with_lora_trains_adapters_and_predicts_merged(classify_run):
