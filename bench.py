@@ -29,24 +29,24 @@ import torch
 
 from load_gpt2 import build, config_from_hf, hf_to_ours
 from model import GPT, PRESETS, GPTConfig
-from sample import ready
+from quantize import ready_for_generation
 
 # -----------------------------------------------------------------------------
 what = "generate"  # which benchmark: generate, train
 models = ("gpt2", "gpt2-medium")  # GPT-2 configs
-prompt_len = 32
-new_tokens = (128, 512)
+prompt_len = 32  # tokens of the random prompt each generation starts from
+new_tokens = (128, 512)  # what=generate: new tokens per run, one row per value
 settings = ("fp32", "fp32+compile", "bf16", "int8", "int8+compile")  # ours: dtype or int8, +compile
 repeats = 1  # runs per figure, the best counts (other programs on the machine only ever slow a run down)
 threads = 0  # torch threads; 0: torch's default (one per core)
-seed = 1337
+seed = 1337  # the random weights and prompts
 train_batch = 4  # what=train: examples of train_block tokens per step
-train_block = 256
+train_block = 256  # what=train: tokens per example
 train_rounds = 5  # timed steps per contender (the median counts)
 train_compile = False  # also time our model under torch.compile (compiling takes a minute or two)
 precisions = ("fp32", "bf16", "int8")  # what=int8: weights as sample.py runs them, compared with fp32
 quality_prompts = 4  # what=int8: random prompts, each continued by quality_tokens greedy tokens
-quality_tokens = 256
+quality_tokens = 256  # what=int8: greedy tokens per prompt
 lora_rank = 16  # what=lora: LoRA on the book's targets (finetune.py's default lora_targets)
 # -----------------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ def ours_like(hf_model, setting):
     config = config_from_hf(hf_model.config.to_dict())
     dtype = torch.bfloat16 if setting.startswith("bf16") else torch.float32
     gpt = build(config, hf_to_ours(hf_model.state_dict(), config), dtype=dtype)
-    return ready(gpt, "int8" if setting.startswith("int8") else "none", setting.endswith("+compile"))
+    return ready_for_generation(gpt, "int8" if setting.startswith("int8") else "none", setting.endswith("+compile"))
 
 
 def bench_generate():
@@ -150,6 +150,15 @@ def bench_generate():
 
 
 
+def train_step(model, optimizer, x, y):
+    """finetune.py's step: forward under bf16 autocast, backward, fused AdamW."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def reference_train_setup(folder):
     """transformers' GPT2LMHeadModel (saved in folder) and its training step: bf16 autocast, fused AdamW."""
     import transformers
@@ -185,7 +194,7 @@ def bench_train():
     import multiprocessing
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
-    from finetune import keep_freed_memory, make_optimizer
+    from training import keep_freed_memory, make_optimizer
     from load_gpt2 import load_gpt2
     transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -203,11 +212,7 @@ def bench_train():
     compiled = torch.compile(ours) if train_compile else None
 
     def our_step(net=ours):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = net(x, y)
-        loss.backward()
-        our_opt.step()
-        our_opt.zero_grad(set_to_none=True)
+        train_step(net, our_opt, x, y)
 
     def child_step():
         conn.send(True)
@@ -258,7 +263,7 @@ def bench_int8():
         for p in precisions:
             dtype = torch.bfloat16 if p.startswith("bf16") else torch.float32
             gpt = fp32 if p == "fp32" else copy.deepcopy(fp32).to(dtype)
-            variants[p] = ready(gpt, "int8" if p.startswith("int8") else "none", p.endswith("+compile"))
+            variants[p] = ready_for_generation(gpt, "int8" if p.startswith("int8") else "none", p.endswith("+compile"))
             variants[p].generate(torch.zeros(1, prompt_len, dtype=torch.long), 4, temperature=0)  # warm up (compile)
         prompts = torch.randint(0, 50257, (quality_prompts, prompt_len), generator=torch.Generator().manual_seed(seed))
         seconds, stats = dict.fromkeys(variants, 0.0), {p: [] for p in variants}
@@ -287,8 +292,8 @@ def lora_step_process(name, lora, conn):
     """One training setup in a process of its own, so its peak memory is its own: reports the weights' memory,
     the resident memory before the first step and the peak, the median step time and the trainable parameters."""
     import resource
-    from finetune import keep_freed_memory, make_optimizer
-    from model import add_lora
+    from training import keep_freed_memory, make_optimizer
+    from lora import add_lora
     keep_freed_memory()
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig.from_name(name)).train()
@@ -301,11 +306,7 @@ def lora_step_process(name, lora, conn):
     times = []
     for i in range(train_rounds + 1):  # the first step allocates the optimizer state: not timed
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = gpt(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(gpt, opt, x, y)
         times.append(time.perf_counter() - start)
     trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
     conn.send((model_bytes(gpt), before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

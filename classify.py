@@ -13,45 +13,44 @@ real token: padding is on the right, so causal attention keeps it from seeing an
 """
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, fail
-from finetune import (EOT, Split, StopOnSigint, check_machinery, device_and_autocast, length_grouped_batches,
-                      lora_settings, lr_at, make_optimizer, optimizer_step, prepare_once, resolve_compile, rng_state,
-                      save_atomic, set_rng_state, start_log, start_run, trainable_line)
-from load_gpt2 import DownloadError, build, check_state, load_gpt2, restore_lora
-from model import GPT, PRESETS, GPTConfig, add_lora
-from prepare import read_meta
+from configurator import checked, configure, fail
+from data import EOT, Split, length_grouped_batches, tokenizer
+from generation import pick_device
+from load_gpt2 import build, check_state, load_gpt2, read_checkpoint, restore_lora
+from lora import add_lora
+from model import GPT, PRESETS, GPTConfig
+from training import (Run, RunLog, StopOnSigint, check_machinery, eta, finish, lora_settings, lr_at, make_optimizer,
+                      optimizer_step, pick_dtype, plot, prepare_dataset, read_resume_checkpoint, restore_training_state,
+                      save_atomic, set_lr, start_run, stop_unless_finite, trainable_line, training_state, wrap)
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # training: a GPT-2 name, HF folder or .safetensors; predicting: a classifier's ckpt.pt
 dataset = "spam"  # a prepare.py classification dataset, or a path/URL to a .csv/.tsv with label and text columns
-data_dir = "data"
-out_dir = ""  # default: out/<dataset>
+data_dir = "data"  # where prepare.py keeps datasets: data_dir/NAME
+out_dir = ""  # where the checkpoint, metrics and log go; default: out/<dataset>
 text = ""  # predict mode: a message, or FILE:path for one message a line (needs --model=.../ckpt.pt)
-epochs = 5
+epochs = 5  # passes over the train split
 batch_size = 8  # examples per step (per process); a batch is padded to its longest example only
-lr = 5e-5
+lr = 5e-5  # AdamW's learning rate (the book's)
 decay_lr = False  # True: cosine decay from lr to min_lr (the book keeps lr constant)
-min_lr = 5e-6
-warmup_iters = 0
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.999  # torch's AdamW default, as in the book
-grad_clip = 0.0  # 0 = off (the book does not clip)
-dropout = 0.0
+min_lr = 5e-6  # where decay_lr ends
+warmup_iters = 0  # iterations of linear warmup from 0 to lr
+weight_decay = 0.1  # AdamW's, on weight matrices only
+beta1 = 0.9  # AdamW's first-moment decay
+beta2 = 0.999  # AdamW's second-moment decay: torch's default, as in the book
+grad_clip = 0.0  # clip the gradient norm to this; 0 = off (the book does not clip)
+dropout = 0.0  # dropout in every block while training
 trainable = "last"  # head, last (last block + ln_f + head), all, or N (last N blocks + ln_f + head); not with LoRA
 lora_rank = 0  # > 0: train LoRA adapters of this rank (and the new head, unless it has an adapter) instead
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
@@ -65,7 +64,7 @@ log_interval = 20  # iterations between progress lines
 seed = 1337  # data splits (prepare.py's default), batch order and the head's initial weights
 device = "auto"  # auto: cuda > mps > cpu
 dtype = "auto"  # auto, bfloat16, float16 or float32 (float32 turns autocast off)
-compile = "auto"  # auto: on for CUDA only; True / False
+compile_ = "auto"  # torch.compile the model: auto (on for CUDA only), True or False
 resume = False  # continue from out_dir/ckpt.pt
 # -----------------------------------------------------------------------------
 
@@ -118,7 +117,7 @@ def collate_labelled(examples, max_len, pad_id=EOT, device="cpu"):
 
 
 class LabelledSplit(Split):
-    """A prepared classification split: finetune.Split's memory-mapped arrays, with labels."""
+    """A prepared classification split: data.Split's memory-mapped arrays, with labels."""
 
     def example(self, i):
         return self.arrays["tokens"][self.offsets[i]:self.offsets[i + 1]], int(self.arrays["labels"][i])
@@ -130,21 +129,22 @@ class LabelledSplit(Split):
 # ----------------------------------------------------------------------------- evaluation and metrics
 
 @torch.no_grad()
-def evaluate(net, split, num_classes, batch_size, max_len, device, ctx, rank=0, world=1):
+def evaluate(net, split, num_classes, batch_size, max_len, run):
     """(mean loss, confusion matrix: rows = true label, columns = predicted) over the whole split. Batches
     are cut from the examples sorted by length (little padding); each process takes every world-th one."""
     net.eval()
     order = np.argsort(split.lengths, kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    loss_sum, confusion = torch.zeros((), device=device), torch.zeros(num_classes, num_classes, device=device)
-    for indices in batches[rank::world]:
-        idx, lengths, labels = split.batch(indices, max_len, device)
-        with ctx:
+    loss_sum = torch.zeros((), device=run.device)
+    confusion = torch.zeros(num_classes, num_classes, device=run.device)
+    for indices in batches[run.rank::run.world]:
+        idx, lengths, labels = split.batch(indices, max_len, run.device)
+        with run.autocast:
             logits, loss = net(idx, lengths, labels)
         loss_sum += loss.float() * len(labels)
         confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels, dtype=torch.float),
                              accumulate=True)
-    if world > 1:
+    if run.world > 1:
         dist.all_reduce(loss_sum), dist.all_reduce(confusion)
     net.train()
     return loss_sum.item() / max(1, len(split)), confusion.long().cpu()
@@ -175,32 +175,15 @@ def print_report(split, confusion, labels):
         print(f"  {label:>{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:.4f}  {m['support']:7d}")
 
 
-def epoch_line(r, epochs, eta):
+def epoch_line(r, epochs, seconds_left):
     val = f" | val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%}" if "val_loss" in r else ""
     return (f"epoch {r['epoch']}/{epochs} | train loss {r['train_loss']:.4f} acc {r['train_acc']:.2%}{val} | "
-            f"{r['examples_per_s']:.1f} examples/s | {r['seconds']:.1f}s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
-
-
-def plot_accuracy(log, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    plt.figure(figsize=(6, 4))
-    for key, label in (("train_acc", "train (during the epoch)"), ("val_acc", "val")):
-        points = [(r["epoch"], r[key]) for r in log if key in r]
-        if points:
-            plt.plot(*zip(*points), marker="o", label=label)
-    plt.xlabel("epoch"), plt.ylabel("accuracy"), plt.legend(), plt.tight_layout()
-    plt.savefig(path)
-    plt.close()
+            f"{r['examples_per_s']:.1f} examples/s | {r['seconds']:.1f}s | ETA {eta(seconds_left)}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def read_checkpoint(path):
+def read_classifier(path):
     """A classifier checkpoint as a dict, or a one-line error saying what the file is instead."""
     what = "a GPT-2 language model, not a classifier"
     if str(path) in PRESETS or Path(path).is_dir() or Path(path).suffix == ".safetensors":
@@ -208,14 +191,12 @@ def read_checkpoint(path):
     if not Path(path).is_file():
         fail(f"model '{path}' does not exist (a classifier is a ckpt.pt written by classify.py: out/<dataset>/ckpt.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors read on use
-    except Exception as e:
-        fail(f"{path} is not a checkpoint this project can read ({e.__class__.__name__})")
-    if isinstance(ckpt, dict) and ckpt.get("kind") == "classifier":
-        return ckpt
-    if isinstance(ckpt, dict) and "model_config" in ckpt:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        fail(str(e))
+    if ckpt.get("kind") != "classifier":
         fail(f"{path} is {what} (an instruction fine-tune from finetune.py?): use a ckpt.pt written by classify.py")
-    fail(f"{path} is not a classifier checkpoint (it has no kind='classifier'): use one written by classify.py")
+    return ckpt
 
 
 def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True, path="the checkpoint"):
@@ -229,7 +210,7 @@ def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True, path="the 
                      ckpt["pooling"]).to(device)
     clf.head.load_state_dict({k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")})
     adapters = {k: v for k, v in ckpt["model"].items() if ".lora_" in k}
-    clf = restore_lora(clf, ckpt.get("lora"), adapters, merge_lora, path)
+    clf = restore_lora(clf, ckpt.get("lora"), adapters, merge_lora, path, head="head")
     return clf if merge_lora else head_trains_unless_adapted(clf, ckpt.get("lora"))
 
 
@@ -242,27 +223,33 @@ def head_trains_unless_adapted(clf, lora):
 
 # ----------------------------------------------------------------------------- predict mode
 
-def predict():
-    ckpt = read_checkpoint(model)
-    if text.startswith("FILE:"):
-        path = Path(text.removeprefix("FILE:"))
-        if not path.is_file():
-            fail(f"text file {path} does not exist")
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): an SMS may hold \x0c or \u2028
-        messages = [line.removesuffix("\r") for line in lines if line.strip()]
-    else:
-        messages = [text]
-    dev, _, _, ctx = device_and_autocast(device, dtype)
+def read_messages(text):
+    """The messages to classify: text itself, or with FILE:path, each non-empty line of that file."""
+    if not text.startswith("FILE:"):
+        return [text]
+    path = Path(text.removeprefix("FILE:"))
+    if not path.is_file():
+        fail(f"text file {path} does not exist")
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): an SMS may hold \x0c or \u2028
+    return [line.removesuffix("\r") for line in lines if line.strip()]
+
+
+def predict(c):
+    """Print label, probability and message for each message of c.text."""
+    ckpt = read_classifier(c.model)
+    messages = read_messages(c.text)
+    dev = pick_device(c.device)
+    run = Run(0, 1, False, dev, pick_dtype(c.dtype, dev.split(":")[0]))  # one process, no training: its autocast
     try:
-        clf = load_classifier(ckpt, dev, path=model).eval()
+        clf = load_classifier(ckpt, dev, path=c.model).eval()
     except ValueError as e:
         fail(str(e))
-    enc, labels = tiktoken.get_encoding("gpt2"), ckpt["labels"]
-    for i in range(0, len(messages), batch_size):
-        group = messages[i:i + batch_size]
-        batch = [(enc.encode_ordinary(m), 0) for m in group]
-        idx, lengths, _ = collate_labelled(batch, clf.gpt.config.block_size, device=dev)
-        with torch.no_grad(), ctx:
+    enc, labels = tokenizer(), ckpt["labels"]
+    for i in range(0, len(messages), c.batch_size):
+        group = messages[i:i + c.batch_size]
+        idx, lengths, _ = collate_labelled([(enc.encode_ordinary(m), 0) for m in group], clf.gpt.config.block_size,
+                                           device=dev)
+        with torch.no_grad(), run.autocast:
             probs = clf(idx, lengths)[0].float().softmax(-1)
         for message, p in zip(group, probs):
             print(f"{labels[p.argmax().item()]}\t{p.max().item():.4f}\t{message}")
@@ -286,167 +273,143 @@ def check_settings(c):
     return problems + check_machinery(c)
 
 
-def prepare_data(ddp, master):
-    """The dataset's folder and meta.json: rank 0 prepares it while the others wait, then all read it."""
-    try:
-        folder = prepare_once(dataset, ddp, master, data_dir=data_dir, seed=seed, max_length=max_length)
-    except (ValueError, OSError, DownloadError) as e:
-        fail(f"dataset '{dataset}': {e}")
-    meta = read_meta(folder)
-    if meta["kind"] != "classification":
-        fail(f"dataset '{dataset}' is {meta['kind']} data, not labelled examples: classify.py needs spam or a "
-             f".csv/.tsv with label and text columns (finetune.py trains on instruction data)")
-    if len(meta["labels"]) < 2:
-        fail(f"dataset '{dataset}' has a single label, {meta['labels']}: a classifier needs two or more")
-    return folder, meta
-
-
-def build_model(labels, out, dev, lora):
-    """(classifier, checkpoint or None): GPT-2 + a fresh head, or everything from out/ckpt.pt to resume;
-    with LoRA, its adapters on and everything else frozen."""
-    if not resume:
+def build_model(c, run, labels, lora, ckpt, path):
+    """GPT-2 + a fresh head, or everything from a checkpoint to resume (ckpt, read from path); with LoRA, its
+    adapters on and everything else frozen, else frozen as `trainable` says."""
+    if ckpt:
+        saved = ckpt["config"]
+        if (ckpt["labels"] != labels or (saved["trainable"], saved["pooling"]) != (c.trainable, c.pooling)
+                or ckpt.get("lora") != lora):
+            fail(f"{path} was trained with labels {ckpt['labels']}, trainable={saved['trainable']}, pooling="
+                 f"{saved['pooling']}, LoRA {ckpt.get('lora')}: resume with the same settings, or use another out_dir")
         try:
-            gpt = load_gpt2(model, device=dev, dropout=dropout)
+            clf = load_classifier(ckpt, run.device, c.dropout, merge_lora=False, path=path)
+        except ValueError as e:
+            fail(str(e))
+    else:
+        try:
+            gpt = load_gpt2(c.model, device=run.device, dropout=c.dropout)
         except Exception as e:  # downloads, hostile or mismatched files: all explained in the message
-            fail(f"could not load model '{model}': {e}")
-        torch.manual_seed(seed)  # the head's initial weights (and the adapters')
-        clf = Classifier(gpt, len(labels), pooling).to(dev)
-        return (head_trains_unless_adapted(add_lora(clf, **lora), lora) if lora else clf), None
-    ckpt_path = out / "ckpt.pt"
-    if not ckpt_path.exists():
-        fail(f"resume=True but there is no checkpoint at {ckpt_path}; run without resume to start a new run")
-    ckpt = read_checkpoint(ckpt_path)
-    saved = ckpt["config"]
-    if (ckpt["labels"] != labels or (saved["trainable"], saved["pooling"]) != (trainable, pooling)
-            or ckpt.get("lora") != lora):
-        fail(f"{ckpt_path} was trained with labels {ckpt['labels']}, trainable={saved['trainable']}, pooling="
-             f"{saved['pooling']}, LoRA {ckpt.get('lora')}: resume with the same settings, or use another out_dir")
-    try:
-        return load_classifier(ckpt, dev, dropout, merge_lora=False, path=ckpt_path), ckpt
-    except ValueError as e:
-        fail(str(e))
+            fail(f"could not load model '{c.model}': {e}")
+        torch.manual_seed(c.seed)  # the head's initial weights (and the adapters')
+        clf = Classifier(gpt, len(labels), c.pooling).to(run.device)
+        if lora:
+            head_trains_unless_adapted(add_lora(clf, **lora, head="head"), lora)
+    if not lora:  # frozen before the optimizer is made: it takes the trainable parameters only
+        if c.trainable.isdigit() and int(c.trainable) > clf.gpt.config.n_layer:
+            fail(f"trainable={c.trainable} but the model has {clf.gpt.config.n_layer} blocks")
+        freeze(clf, c.trainable)
+    return clf.train()
 
 
 def main(config):
-    problems = check_settings(config)
-    if problems:
-        fail("; ".join(problems))
-    if text:
-        return predict()
-    rank, world, ddp, dev, device_type, amp_dtype, ctx = start_run(device, dtype)
-    master = rank == 0
+    c = checked(config, check_settings(config))
+    if c.text:
+        return predict(c)
+    run = start_run(c.device, c.dtype)
 
-    folder, meta = prepare_data(ddp, master)
+    # data
+    folder, meta = prepare_dataset(c.dataset, run, "classification", "labelled examples: classify.py needs spam "
+                                   "or a .csv/.tsv with label and text columns (finetune.py trains on instruction "
+                                   "data)", data_dir=c.data_dir, seed=c.seed, max_length=c.max_length)
     labels = meta["labels"]
+    if len(labels) < 2:
+        fail(f"dataset '{c.dataset}' has a single label, {labels}: a classifier needs two or more")
     train, val, test = (LabelledSplit(folder, s) for s in ("train", "val", "test"))
-    if train_subset:
-        train.lengths = train.lengths[:train_subset]  # len(train) follows lengths
-    out = Path(out_dir or Path("out") / folder.name)
+    if c.train_subset:
+        train.lengths = train.lengths[:c.train_subset]  # len(train) follows lengths
+    out = Path(c.out_dir or Path("out") / folder.name)
 
+    # model
     lora = lora_settings(config)
-    clf, ckpt = build_model(labels, out, dev, lora)
-    if not lora:  # frozen before the optimizer is made: it takes the trainable parameters only
-        if trainable.isdigit() and int(trainable) > clf.gpt.config.n_layer:
-            fail(f"trainable={trainable} but the model has {clf.gpt.config.n_layer} blocks")
-        freeze(clf, trainable)
-    clf.train()
+    ckpt = read_resume_checkpoint(out) if c.resume else None
+    if ckpt and ckpt.get("kind") != "classifier":
+        fail(f"{out / 'ckpt.pt'} is not a classifier written by classify.py: it cannot be resumed here")
+    clf = build_model(c, run, labels, lora, ckpt, out / "ckpt.pt")
     max_len = clf.gpt.config.block_size
-    optimizer = make_optimizer(clf, lr, weight_decay, (beta1, beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
-    start_iter, stats = 0, torch.zeros(3, device=dev)  # this epoch so far: loss sum, correct, examples
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_iter = ckpt["iter_num"]
-        set_rng_state(ckpt["rng"])
-        if master:  # the other processes' share of an interrupted epoch is not saved: their counts restart
-            stats = ckpt["epoch_stats"].to(dev).clone()
-    net = torch.compile(clf) if resolve_compile(compile, device_type) else clf
-    if ddp:
-        net = DDP(net, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+    optimizer = make_optimizer(clf, c.lr, c.weight_decay, (c.beta1, c.beta2), run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.amp_dtype == torch.float16)
+    start_iter = restore_training_state(ckpt, optimizer, scaler) if ckpt else 0
+    stats = torch.zeros(3, device=run.device)  # this epoch so far: loss sum, correct, examples
+    if ckpt and run.master:  # the other processes' share of an interrupted epoch is not saved: their counts restart
+        stats = ckpt["epoch_stats"].to(run.device).clone()
+    net = wrap(clf, run, c.compile)
 
-    steps_per_epoch = len(length_grouped_batches(train.lengths, batch_size, seed, 0)) // world
+    steps_per_epoch = len(length_grouped_batches(train.lengths, c.batch_size, c.seed, 0)) // run.world
     if steps_per_epoch == 0:
-        fail(f"the train split has {len(train)} examples: too few for batch_size={batch_size} x {world} process(es)")
-    total_iters = epochs * steps_per_epoch
-    log = []
-    if master:
-        log = start_log(out, resume, start_iter)
-        print(f"{trainable_line(clf, lora, f'trainable={trainable}')} on {dev}, autocast {amp_dtype}, "
-              f"{world} process(es); {len(train)} train / "
-              f"{len(val)} val / {len(test)} test examples, labels {labels}; {epochs} epochs of {steps_per_epoch} "
-              f"iterations; pooling={pooling}")
-
-    def write_log(record):
-        log.append(record)
-        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        fail(f"the train split has {len(train)} examples: too few for batch_size={c.batch_size} x {run.world} "
+             f"process(es)")
+    total_iters = c.epochs * steps_per_epoch
+    log = None
+    if run.master:
+        log = RunLog(out, c.resume, start_iter)
+        print(f"{trainable_line(clf, lora, f'trainable={c.trainable}')} on {run.device}, autocast {run.amp_dtype}, "
+              f"{run.world} process(es); {len(train)} train / {len(val)} val / {len(test)} test examples, labels "
+              f"{labels}; {c.epochs} epochs of {steps_per_epoch} iterations; pooling={c.pooling}")
 
     def save(it):
         save_atomic({"model": clf.state_dict(), "model_config": asdict(clf.gpt.config), "kind": "classifier",
-                     "labels": labels, "pooling": pooling, "config": config, "meta": meta,
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": it,
-                     "epoch": it / steps_per_epoch, "epoch_stats": stats.cpu(), "rng": rng_state(), "lora": lora},
-                    out / "ckpt.pt")
+                     "labels": labels, "pooling": c.pooling, "config": config, "meta": meta,
+                     **training_state(optimizer, scaler, it), "epoch": it / steps_per_epoch,
+                     "epoch_stats": stats.cpu(), "lora": lora}, out / "ckpt.pt")
 
+    # the loop
     stop = StopOnSigint()
     it, batches, t_epoch, seen = start_iter, {}, time.time(), 0  # seen: examples trained since t_epoch
     while it < total_iters:
         epoch, step = divmod(it, steps_per_epoch)
         if epoch not in batches:
-            batches = {epoch: length_grouped_batches(train.lengths, batch_size, seed, epoch)}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, total_iters, lr, min_lr if decay_lr else lr, warmup_iters)
-        idx, lengths, y = train.batch(batches[epoch][step * world + rank], max_len, dev)
-        with ctx:
+            batches = {epoch: length_grouped_batches(train.lengths, c.batch_size, c.seed, epoch)}
+        set_lr(optimizer, lr_at(it, total_iters, c.lr, c.min_lr if c.decay_lr else c.lr, c.warmup_iters))
+        idx, lengths, y = train.batch(batches[epoch][step * run.world + run.rank], max_len, run.device)
+        with run.autocast:
             logits, loss = net(idx, lengths, y)
-        if not math.isfinite(loss.item()):
-            fail(f"the loss became {loss.item()} at iteration {it}: lower lr (now {lr}), or use dtype=bfloat16 or "
-                 f"float32 instead of float16; {out / 'ckpt.pt'} holds the last epoch's state, if any", status=1)
+        stop_unless_finite(loss.item(), it, c.lr, f"{out / 'ckpt.pt'} holds the last epoch's state, if any")
         scaler.scale(loss).backward()
-        optimizer_step(optimizer, scaler, clf, grad_clip)
+        optimizer_step(optimizer, scaler, clf, c.grad_clip)
         # train loss and accuracy of the epoch come from its batches as they are trained: free, no extra pass
-        stats += torch.tensor([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], device=dev)
-        it, seen = it + 1, seen + len(y) * world
+        stats += torch.tensor([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)], device=run.device)
+        it, seen = it + 1, seen + len(y) * run.world
 
-        if master and (it % log_interval == 0 or it == start_iter + 1) and it % steps_per_epoch:  # first at once
+        if run.master and (it % c.log_interval == 0 or it == start_iter + 1) and it % steps_per_epoch:  # first at once
             print(f"iter {it}/{total_iters} | epoch {it / steps_per_epoch:.2f} | loss {loss.item():.4f} | "
                   f"{seen / (time.time() - t_epoch):.1f} examples/s", flush=True)
         if it % steps_per_epoch == 0:  # the end of an epoch
-            if ddp:
+            if run.ddp:
                 dist.all_reduce(stats)
             seconds = time.time() - t_epoch
             record = {"iter": it, "epoch": it // steps_per_epoch, "train_loss": (stats[0] / stats[2]).item(),
                       "train_acc": (stats[1] / stats[2]).item(), "seconds": seconds, "examples_per_s": seen / seconds}
             stats.zero_()
-            if record["epoch"] % eval_interval == 0 or it == total_iters:
-                val_loss, confusion = evaluate(net, val, len(labels), batch_size, max_len, dev, ctx, rank, world)
+            if record["epoch"] % c.eval_interval == 0 or it == total_iters:
+                val_loss, confusion = evaluate(net, val, len(labels), c.batch_size, max_len, run)
                 record.update(val_loss=val_loss, val_acc=accuracy(confusion))
-            if master:
-                print(epoch_line(record, epochs, seconds * (total_iters - it) / steps_per_epoch), flush=True)
-                write_log(record)
+            if run.master:
+                print(epoch_line(record, c.epochs, seconds * (total_iters - it) / steps_per_epoch), flush=True)
+                log.write(record)
                 save(it)
             t_epoch, seen = time.time(), 0  # evaluation time is not training time
         if stop.requested:
-            if master:
+            if run.master:
                 save(it)
                 print(f"saved {out / 'ckpt.pt'} at iteration {it}; continue with --resume=True")
             sys.exit(130)
 
-    results = {s: evaluate(net, split, len(labels), batch_size, max_len, dev, ctx, rank, world)
+    # the end: every split evaluated with the trained model
+    results = {s: evaluate(net, split, len(labels), c.batch_size, max_len, run)
                for s, split in (("train", train), ("val", val), ("test", test))}
-    if master:
-        metrics = {"accuracy": {s: accuracy(c) for s, (_, c) in results.items()},
+    if run.master:
+        metrics = {"accuracy": {s: accuracy(m) for s, (_, m) in results.items()},
                    "loss": {s: loss for s, (loss, _) in results.items()},
-                   "confusion": {s: c.tolist() for s, (_, c) in results.items()},
+                   "confusion": {s: m.tolist() for s, (_, m) in results.items()},
                    "per_class": per_class(results["test"][1], labels), "labels": labels}
         print("accuracy: " + ", ".join(f"{s} {a:.2%}" for s, a in metrics["accuracy"].items()))
         print_report("test", results["test"][1], labels)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        plot_accuracy(log, out / "accuracy.png")
+        plot(log.records, out / "accuracy.png", "epoch", {"train_acc": "train (during the epoch)", "val_acc": "val"},
+             "accuracy", marker="o")
         print(f"wrote {out / 'metrics.json'} and {out / 'ckpt.pt'}")
-    if ddp:
-        dist.barrier()  # nobody tears the group down while another process still uses it
-        dist.destroy_process_group()
+    finish(run)
 
 
 if __name__ == "__main__":

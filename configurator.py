@@ -1,20 +1,27 @@
 """
-nanoGPT's configuration idea, made safe: a script's settings are plain module globals at its top, and
+nanoGPT's configuration idea, made safe: a script's settings are plain module globals at its top, each with a
+comment that says what it does, and
 
     python finetune.py config/alpaca.py --lr=3e-5 --compile=False
 
 overrides them, the config file first, then each --key=value (parsed with ast.literal_eval; a string may
 be bare). An unknown key or a value of the wrong type stops the script with exit status 2 and a one-line
-message before any heavy work starts. --help lists every key with its default.
+message before any heavy work starts. --help lists every key with its default and its comment.
 
     from configurator import configure
     config = configure(globals())   # updates the globals in place, returns them as a dict
+
+A setting whose name would hide a Python builtin is written with a trailing underscore (compile_, input_)
+and given without it on the command line (--compile=True).
 """
 
 import ast
 import difflib
+import io
 import sys
+import tokenize
 from pathlib import Path
+from types import SimpleNamespace
 
 SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)
 
@@ -25,18 +32,23 @@ def fail(message, status=2):
     sys.exit(status)
 
 
+def setting_names(namespace):
+    """{command-line key: global name} for a script's settings: its public lowercase globals of simple types
+    (not modules, functions or UPPERCASE constants); compile_ is the key 'compile'."""
+    return {name.removesuffix("_"): name for name, v in namespace.items()
+            if not name.startswith("_") and not name.isupper() and isinstance(v, SIMPLE_TYPES)}
+
+
 def config_keys(namespace):
-    """The settings of a script: its public lowercase globals of simple types (not modules, functions or
-    UPPERCASE constants)."""
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not k.isupper() and isinstance(v, SIMPLE_TYPES)}
+    """The settings of a script as {key: value}."""
+    return {key: namespace[name] for key, name in setting_names(namespace).items()}
 
 
 def parse_value(key, text, default):
     """The value of --key=text, converted to default's type, or a ValueError that says why not."""
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         value = text  # a bare string: --model=gpt2-medium
     if isinstance(default, str):
         return value if isinstance(value, str) else text
@@ -73,44 +85,68 @@ def unknown_key_message(key, known):
     return f"unknown config key '{key}'{hint}; run with --help to list them all"
 
 
-def apply_config_file(namespace, path, defaults):
-    for key, value in read_config_file(path).items():
-        if key not in defaults:
-            fail(f"{path}: {unknown_key_message(key, defaults)}")
-        try:
-            namespace[key] = convert(key, value, defaults[key])
-        except ValueError as e:
-            fail(f"{path}: {e}")
-
-
 def read_config_file(path):
     if not Path(path).is_file():
         fail(f"config file '{path}' does not exist (a positional argument names a config/*.py file; "
              f"settings are given as --key=value)")
     namespace = {}
-    exec(Path(path).read_text(), namespace)
+    try:
+        exec(compile(Path(path).read_text(), str(path), "exec"), namespace)
+    except SyntaxError as e:
+        fail(f"config file '{path}' is not valid Python: {e.msg} at line {e.lineno}; it holds lines like lr = 3e-5")
+    except Exception as e:
+        fail(f"config file '{path}' failed to run ({e.__class__.__name__}: {e}); it holds lines like lr = 3e-5")
     return config_keys(namespace)
 
 
-def print_help(defaults, doc):
+def comments(path):
+    """{global name: the comment on the line(s) of its assignment} in a Python file: the one place a setting
+    is explained, shown by --help."""
+    try:
+        source = Path(path).read_text()
+        tree = ast.parse(source)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}
+    by_line = {t.start[0]: t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT}
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            text = " ".join(by_line[n] for n in range(node.lineno, node.end_lineno + 1) if n in by_line)
+            found[node.targets[0].id] = text
+    return found
+
+
+def print_help(namespace):
+    doc, names = namespace.get("__doc__"), setting_names(namespace)
     if doc:
         print(doc.strip() + "\n")
+    explained = comments(namespace["__file__"]) if namespace.get("__file__") else {}
     print("settings (override with --key=value):")
-    width = max(len(k) for k in defaults)
-    for key, value in defaults.items():
-        print(f"  --{key:<{width}} = {value!r}")
+    width = max(len(k) for k in names)
+    shown = {key: f"  --{key:<{width}} = {namespace[name]!r}" for key, name in names.items()}
+    column = min(max(map(len, shown.values())), 48)  # comments line up, unless a default is very long
+    for key, name in names.items():
+        print(f"{shown[key]:<{column}}  # {explained[name]}" if explained.get(name) else shown[key])
 
 
 def configure(namespace, argv=None):
     """Apply a config file and --key=value arguments to namespace's settings; return them as a dict."""
     argv = sys.argv[1:] if argv is None else argv
+    names = setting_names(namespace)
     defaults = config_keys(namespace)
     if any(a in ("-h", "--help") for a in argv):
-        print_help(defaults, namespace.get("__doc__"))
+        print_help(namespace)
         sys.exit(0)
-    for path in [a for a in argv if not a.startswith("--")]:
-        apply_config_file(namespace, path, defaults)
     overrides = {}  # all checked before any is applied
+    for path in [a for a in argv if not a.startswith("--")]:
+        for key, value in read_config_file(path).items():
+            if key not in defaults:
+                fail(f"{path}: {unknown_key_message(key, defaults)}")
+            try:
+                overrides[key] = convert(key, value, defaults[key])
+            except ValueError as e:
+                fail(f"{path}: {e}")
     for arg in argv:
         if not arg.startswith("--"):
             continue
@@ -124,5 +160,23 @@ def configure(namespace, argv=None):
             overrides[key] = parse_value(key, text, defaults[key])
         except ValueError as e:
             fail(str(e))
-    namespace.update(overrides)
+    namespace.update({names[key]: value for key, value in overrides.items()})
     return config_keys(namespace)
+
+
+def checked(config, problems):
+    """config with its settings as attributes (c.lr), once problems (what is wrong with them, found before any
+    work starts) is empty; else stop with all of them in one line."""
+    if problems:
+        fail("; ".join(problems))
+    return SimpleNamespace(**config)
+
+
+def given_keys(argv=None):
+    """The settings named on the command line or in a config file there: what a resumed run was asked to
+    change, as opposed to what it should take from its checkpoint."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    for path in [a for a in argv if not a.startswith("--")]:
+        keys |= set(read_config_file(path))
+    return keys

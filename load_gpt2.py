@@ -1,23 +1,19 @@
 """
 Load GPT-2 into model.py: OpenAI's four checkpoints from the Hugging Face hub, a local Hugging Face
-folder or .safetensors file, or a checkpoint written by our own scripts. Also the way back (export_hf).
+folder or .safetensors file, or a checkpoint written by our own scripts (the one place that reads them).
+Also the way back (export_hf).
 
     model = load_gpt2("gpt2-medium")          # downloads once into ~/.cache/nanoft
     python load_gpt2.py --model=gpt2-xl        # download, load, print the config and a greedy sample
 
-Needs nothing but torch, numpy and requests: safetensors files are read and written here, and every
-download is streamed to a .part file, resumed after an interruption, checked (size and sha256) and only
-then renamed into place, so a partial or corrupt file is never loaded.
+Needs nothing but torch, numpy and requests: safetensors files are read and written here, and downloads
+(download.py) are checked before they are cached, so a partial or corrupt file is never loaded.
 """
 
-import hashlib
 import json
 import math
 import os
-import re
-import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,19 +21,14 @@ import numpy as np
 import requests
 import torch
 
-from model import GPT, PRESETS, GPTConfig, add_lora, merge_lora
+from download import DownloadError, download
+from lora import add_lora, merge_lora
+from model import GPT, PRESETS, GPTConfig
 
 HF_REPO = "openai-community/{name}"  # the hub's home of OpenAI's GPT-2 checkpoints
 HF_FILES = ("config.json", "model.safetensors")
-RETRIES = 5  # attempts per download on a dropped connection or a 5xx answer
-BACKOFF = 1.0  # seconds before the first retry, doubled after each
-TIMEOUT = 30  # seconds without a byte before a connection counts as dropped
 MAX_HEADER = 100_000_000  # a safetensors header larger than this is not a real one
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 def hf_endpoint():
@@ -50,119 +41,6 @@ def cache_dir():
 
 def offline():
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-# ----------------------------------------------------------------------------- downloads
-
-def download(url, dest, sha256=None, desc=None):
-    """Fetch url into dest (a Path) unless it is already there; returns dest.
-
-    The bytes go to dest + '.part' first; a .part left by an interrupted run is resumed with an HTTP Range
-    request. The size (and sha256, when given or announced by the server) is checked before the rename,
-    so dest only ever holds a complete, verified file.
-    """
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    desc = desc or dest.name
-    for attempt in range(RETRIES):
-        try:
-            expected_sha, expected_size = _fetch(url, part, desc, sha256)
-            break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _ServerError) as e:
-            if attempt == RETRIES - 1:
-                raise DownloadError(f"could not download {url} after {RETRIES} attempts ({e}); check your "
-                                    f"network (or the address) and run again: the {part.stat().st_size if part.exists() else 0} "
-                                    f"bytes already fetched are kept in {part} and will be resumed") from None
-            wait = BACKOFF * 2 ** attempt
-            print(f"\n{desc}: {e.__class__.__name__} ({e}); retrying in {wait:.0f}s", file=sys.stderr)
-            time.sleep(wait)
-    _verify(part, url, expected_size, expected_sha)
-    os.replace(part, dest)
-    return dest
-
-
-class _ServerError(Exception):
-    pass
-
-
-def _fetch(url, part, desc, sha256):
-    """One attempt: stream url into part, appending to what is already there. Returns (sha256, size)."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
-        if r.status_code in (401, 403, 404):
-            raise DownloadError(f"{url} answered {r.status_code} ({r.reason}): check the name and the address "
-                                f"(HF_ENDPOINT={hf_endpoint()}); a gated or private file needs access rights")
-        if r.status_code == 416 and have:  # nothing past what we have: the .part is already complete
-            return sha256 or _announced_sha256(r), have
-        if r.status_code >= 500:
-            raise _ServerError(f"{r.status_code} {r.reason}")
-        if r.status_code not in (200, 206):
-            raise DownloadError(f"{url} answered {r.status_code} ({r.reason}); expected the file")
-        if r.status_code == 200:
-            have = 0  # the server ignored our Range: start over
-        size = _total_size(r, have)
-        mode = "ab" if r.status_code == 206 else "wb"
-        with open(part, mode) as f:
-            done, start, shown = have, time.time(), 0.0
-            for chunk in r.iter_content(chunk_size=1 << 16):  # small chunks: little is lost to a dropped link
-                f.write(chunk)
-                done += len(chunk)
-                if time.time() - shown > 0.5 or done == size:
-                    shown = _progress(desc, done, size, have, start)
-        print(file=sys.stderr)
-        return sha256 or _announced_sha256(r), size
-
-
-def _announced_sha256(r):
-    """The hub names an LFS file's sha256 in X-Linked-Etag (on the redirect) or ETag; a 64-hex etag is one."""
-    for resp in [*r.history, r]:
-        for h in ("X-Linked-Etag", "ETag"):
-            tag = resp.headers.get(h, "").removeprefix("W/").strip('"')
-            if re.fullmatch(r"[0-9a-f]{64}", tag):
-                return tag
-    return None
-
-
-def _total_size(r, have):
-    if r.status_code == 206 and "Content-Range" in r.headers:  # bytes start-end/total
-        total = r.headers["Content-Range"].rpartition("/")[2]
-        return int(total) if total.isdigit() else None
-    length = r.headers.get("Content-Length")
-    return have + int(length) if length and length.isdigit() else None
-
-
-def _progress(desc, done, size, have, start):
-    rate = (done - have) / max(time.time() - start, 1e-6)
-    if size:
-        eta = (size - done) / rate if rate > 0 else 0
-        msg = f"{desc}: {done / 1e6:.1f}/{size / 1e6:.1f} MB ({100 * done / size:.0f}%), {rate / 1e6:.1f} MB/s, ETA {eta:.0f}s"
-    else:
-        msg = f"{desc}: {done / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s"
-    print("\r" + msg, end="", file=sys.stderr, flush=True)
-    return time.time()
-
-
-def _verify(part, url, size, sha256):
-    """Never let a short or corrupt file be renamed into place: delete it and say so."""
-    actual = part.stat().st_size
-    if size is not None and actual != size:
-        part.unlink()
-        raise DownloadError(f"download of {url} is {actual} bytes but the server announced {size}; the "
-                            f"partial file was deleted, run again to download it afresh")
-    if sha256 is not None:
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            part.unlink()
-            raise DownloadError(f"download of {url} is corrupt: sha256 {h.hexdigest()} but expected "
-                                f"{sha256}; the file was deleted, run again to download it afresh")
 
 
 def download_gpt2(name):
@@ -179,7 +57,7 @@ def download_gpt2(name):
             raise DownloadError(f"could not download {name} from {base}/{file} ({e.__class__.__name__}): "
                                 f"check your network, or set HF_ENDPOINT to a mirror") from None
         except DownloadError as e:
-            raise DownloadError(f"could not get model '{name}': {e}") from None
+            raise DownloadError(f"could not get model '{name}': {e} (HF_ENDPOINT={hf_endpoint()})") from None
     return folder
 
 
@@ -341,7 +219,14 @@ def load_gpt2(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, merg
     (config.json + model.safetensors), a .safetensors file or a checkpoint (.pt) of our scripts.
     dropout is for fine-tuning (OpenAI trained GPT-2 with 0.1; inference wants 0). A checkpoint trained with
     LoRA comes with its adapters merged into the weights, or, with merge_lora=False, as adapters (to resume)."""
+    return load_model(name_or_path, device, dtype, dropout, merge_lora)[0]
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True):
+    """(model, info) as load_gpt2 loads it; info holds what a checkpoint of our scripts says about the model:
+    its prompt 'template', its run 'config' and its dataset's 'meta' (None where a file has none)."""
     path = Path(str(name_or_path))
+    info = {"template": None, "config": None, "meta": None}
     if str(name_or_path) in PRESETS:
         path = download_gpt2(str(name_or_path))
     elif not path.exists():
@@ -352,13 +237,16 @@ def load_gpt2(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, merg
         if missing:
             raise FileNotFoundError(f"{path} is not a Hugging Face GPT-2 folder: it has no {', '.join(missing)}")
         config = config_from_hf(json.loads((path / "config.json").read_text()))
-        return build(config, hf_to_ours(read_safetensors(path / "model.safetensors"), config), device, dtype, dropout)
-    if path.suffix == ".safetensors":
+        tensors = read_safetensors(path / "model.safetensors")
+    elif path.suffix == ".safetensors":
         tensors = read_safetensors(path)
         beside = path.with_name("config.json")
         config = config_from_hf(json.loads(beside.read_text())) if beside.exists() else config_from_tensors(tensors)
-        return build(config, hf_to_ours(tensors, config), device, dtype, dropout)
-    return load_checkpoint(path, device, dtype, dropout, merge_lora)
+    else:
+        ckpt = read_checkpoint(path)
+        info = {key: ckpt.get(key) for key in info}
+        return model_from_checkpoint(ckpt, device, dtype, dropout, merge_lora, path), info
+    return build(config, hf_to_ours(tensors, config), device, dtype, dropout), info
 
 
 def config_from_tensors(tensors):
@@ -373,15 +261,23 @@ def config_from_tensors(tensors):
                      n_head=max(1, n_embd // 64), n_embd=n_embd)
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True):
-    """A GPT from a checkpoint saved by our scripts: {'model': state_dict, 'model_config': dict, 'lora': ...}."""
+# ----------------------------------------------------------------------------- our own checkpoints
+
+def read_checkpoint(path):
+    """The dict a checkpoint of our scripts holds ({'model': state_dict, 'model_config': dict, ...}), read once,
+    memory-mapped (a tensor is read when it is used) and with weights_only (a pickle cannot run code)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path} is not a checkpoint this project can read ({e.__class__.__name__}: "
                          f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanoFT checkpoint (expected the keys 'model' and 'model_config')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True, path="checkpoint"):
+    """The GPT of a checkpoint dict (read_checkpoint) that path held, its LoRA adapters merged or kept."""
     if ckpt.get("kind") == "classifier":  # gpt.* and head.* weights: a GPT-2 with no language-model head
         raise ValueError(f"{path} is a text classifier ({', '.join(map(str, ckpt.get('labels', [])))}) written by "
                          f"classify.py, not a language model: use it with python classify.py --model={path} --text=...")
@@ -392,16 +288,16 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, dropout=0.0, merge_
     return restore_lora(model, ckpt.get("lora"), adapters, merge_lora, path)
 
 
-def restore_lora(model, lora, adapters, merge, path):
-    """Put a checkpoint's LoRA adapters (its 'lora' settings and lora_* tensors) back on model; merged into the
-    weights, or kept as adapters to go on training. Returns model."""
+def restore_lora(model, lora, adapters, merge, path, head="lm_head"):
+    """Put a checkpoint's LoRA adapters (its 'lora' settings and lora_* tensors) back on model (head: the Linear
+    the 'head' target means); merged into the weights, or kept as adapters to go on training. Returns model."""
     if not lora:
         if adapters:
             raise ValueError(f"{path} holds LoRA tensors ({next(iter(adapters))}, ...) but no 'lora' settings")
         return model
     if not isinstance(lora, dict) or set(lora) != {"rank", "alpha", "dropout", "targets"}:
         raise ValueError(f"{path} has LoRA settings {lora!r}; expected rank, alpha, dropout and targets")
-    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"], head)
     expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_" in k}
     if expected != {k: v.shape for k, v in adapters.items()}:
         wrong = sorted(set(expected) ^ set(adapters)) or [k for k in expected if adapters[k].shape != expected[k]]
@@ -417,7 +313,7 @@ def export_hf(model, folder):
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     if any(".lora_" in name for name in model.state_dict()):
-        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (merge_lora in model.py)")
+        raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (merge_lora in lora.py)")
     tied = model.lm_head.weight is model.wte.weight
     tensors = {}
     for name, t in model.state_dict().items():
@@ -436,9 +332,9 @@ def export_hf(model, folder):
 # ----------------------------------------------------------------------------- command line
 
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a ckpt.pt
-prompt = "Every effort moves you"
-max_new_tokens = 20
-device = "cpu"
+prompt = "Every effort moves you"  # the text the model continues (greedily) after loading
+max_new_tokens = 20  # how many tokens it adds
+device = "cpu"  # cpu, cuda or mps
 
 if __name__ == "__main__":
     import tiktoken

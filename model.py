@@ -1,9 +1,10 @@
 """
-GPT-2 in one file of plain PyTorch: the model, a KV cache and generation, int8 weights and LoRA adapters.
+GPT-2 in one file of plain PyTorch: the model, a KV cache, generation and sampling.
 
 It gives the same logits as OpenAI's GPT-2 (and Hugging Face's GPT2LMHeadModel) for the same weights, so
 the names below follow GPT-2's own (wte, wpe, h, ln_1, attn.c_attn, ...) and loading weights is a table.
-This file imports only torch: copy it into your own project as it is.
+This file imports only torch: copy it into your own project as it is. LoRA adapters (lora.py) and int8
+weights (quantize.py) sit beside it and swap its Linear layers from the outside.
 """
 
 import math
@@ -201,11 +202,9 @@ class GPT(nn.Module):
         targets (B, T) are the already-shifted next tokens; -100 marks positions that carry no loss.
         """
         logits = self.lm_head(self.hidden_states(idx, pos, valid))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
 
     def optim_groups(self, weight_decay):
         """AdamW parameter groups: weight decay on matrices, none on biases, LayerNorms and embeddings
@@ -213,16 +212,14 @@ class GPT(nn.Module):
         params = {id(p): p for p in self.parameters() if p.requires_grad}.values()  # tied once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ----- generation -----
 
     decode_step = None  # next_logits compiled for one token at a time, once compile_decode() has run
 
     def setup_cache(self, batch_size, max_len, dtype=None):
-        """Get ready to generate: a KV cache in every layer for batch_size sequences of up to max_len tokens,
-        and, for float32 weights on the CPU, Linears that multiply a few rows at memory speed (RowsLinear)."""
+        """Get ready to generate: a KV cache in every layer for batch_size sequences of up to max_len tokens."""
         self.clear_cache()
         if self.decode_step is not None:  # one cache size for every call, so the compiled step compiles once
             max_len = self.config.block_size
@@ -231,13 +228,10 @@ class GPT(nn.Module):
         for block in self.h:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_head, head_dim, dtype,
                                           self.wte.weight.device)
-        if self.wte.weight.device.type == "cpu" and self.wte.weight.dtype == torch.float32:
-            replace_modules(self, nn.Linear, RowsLinear)
 
     def clear_cache(self):
         for block in self.h:
             block.attn.kv_cache = None
-        replace_modules(self, RowsLinear, lambda m: m.linear)
 
     def next_logits(self, idx, pos=None, valid=None):
         """Logits (B, vocab) of the token that follows idx (B, T); pos and valid as in hidden_states."""
@@ -247,14 +241,6 @@ class GPT(nn.Module):
         """Compile the one-token decode step with torch.compile; generation uses it from then on. The first
         call compiles (10-60 s); dynamic=True: one graph serves every position past 1 and every batch size past 1."""
         self.decode_step = torch.compile(self.next_logits, dynamic=True)
-
-    def quantize_int8(self):
-        """Weight-only int8 for generation: every Linear, lm_head included, becomes an Int8Linear (wte stays as
-        it is for the embedding lookup). Irreversible, and for inference only; returns the model in eval mode."""
-        if any(isinstance(m, LoRALinear) for m in self.modules()):
-            raise ValueError("merge the LoRA adapters into the weights (merge_lora) before quantizing to int8")
-        replace_modules(self, nn.Linear, Int8Linear)
-        return self.eval()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -336,155 +322,10 @@ def filter_logits(logits, top_k=None, top_p=None, candidates=256):
 
 
 def replace_modules(model, kind, make):
-    """Put make(m) in place of every submodule m whose type is exactly kind."""
+    """Put make(m) in place of every submodule m whose type is exactly kind: how lora.py and quantize.py swap
+    Linear layers for their own. Returns model."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is kind:
                 setattr(parent, name, make(child))
-
-
-class RowsLinear(nn.Module):
-    """A float32 nn.Linear (wrapped, weights shared) that is fast for the few rows of a decode step on the CPU.
-
-    Decoding reads every weight once per token, so it is bound by memory bandwidth; but MKL multiplies a few rows
-    by a matrix on one core, at ~12 GB/s where the memory gives ~40 (bench.py, 2-core AMD EPYC). Cut into slices
-    of output rows and multiplied as one batched product (bmm), the weights are read by every core: ~2x faster.
-    """
-    max_rows = 16  # more rows (a prefill) have enough work for MKL's own threading
-
-    def __init__(self, linear):
-        super().__init__()
-        self.linear = linear
-        # the most slices of equal size up to 32: 768 -> 32, 2304 -> 32, GPT-2's vocab 50257 -> 29 (x 1733)
-        self.splits = next(s for s in range(32, 0, -1) if linear.out_features % s == 0)
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) > self.max_rows or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return self.linear(x)
-        w = self.linear.weight.view(self.splits, -1, rows.size(1))  # (splits, out / splits, in): a view
-        y = torch.bmm(w, rows.t().expand(self.splits, -1, -1))  # (splits, out / splits, rows)
-        y = y.reshape(-1, rows.size(0)).t().reshape(*x.shape[:-1], -1)
-        return y if self.linear.bias is None else y + self.linear.bias
-
-
-# ----- LoRA: fine-tune a few low-rank adapters instead of every weight -----
-
-LORA_TARGETS = ("q", "k", "v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "head")  # every Linear (the book's)
-LORA_CHOICES = LORA_TARGETS + ("attn.c_attn",)  # attn.c_attn: one adapter on the fused q/k/v layer (as PEFT)
-
-
-class LoRALinear(nn.Linear):
-    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T.
-
-    The output may be `parts` equal slices (3 for c_attn: q, k, v), of which `adapted` get an adapter each, as
-    litgpt does on a fused q/k/v layer. B starts at zero, so fresh adapters change nothing: step 0 is the base model.
-    """
-
-    def __init__(self, linear, rank, alpha, dropout=0.0, parts=1, adapted=(0,)):
-        nn.Module.__init__(self)  # not nn.Linear's: keep the existing weight (it may be tied to wte) and bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.rank, self.scale, self.parts, self.adapted = rank, alpha / rank, parts, tuple(adapted)
-        like = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(len(self.adapted) * rank, self.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(len(self.adapted), self.out_features // parts, rank, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises a weight (and PEFT A)
-        self.lora_dropout = nn.Dropout(dropout)
-
-    def lora_B_full(self):
-        """B as one (out_features, adapted * rank) matrix: each adapted slice of rows reads its own rank columns."""
-        if self.parts == 1:
-            return self.lora_B[0]
-        full = self.lora_B.new_zeros(self.parts, self.out_features // self.parts, len(self.adapted) * self.rank)
-        for i, part in enumerate(self.adapted):
-            full[part, :, i * self.rank:(i + 1) * self.rank] = self.lora_B[i]
-        return full.view(self.out_features, -1)
-
-    def forward(self, x):
-        return super().forward(x) + (self.lora_dropout(x) @ self.lora_A.t()) @ self.lora_B_full().t() * self.scale
-
-    def merged(self):
-        """A plain nn.Linear computing the same: W + (alpha / rank) B A."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        with torch.no_grad():
-            delta = (self.lora_B_full().float() @ self.lora_A.float()) * self.scale
-            linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype))
-        linear.bias = self.bias
-        return linear
-
-
-def add_lora(model, rank, alpha, dropout=0.0, targets=LORA_TARGETS):
-    """Freeze every parameter of model (a GPT, or a module holding one) and give the targets trainable adapters.
-
-    targets: q, k, v (each its own adapter on a slice of the fused attn.c_attn) or attn.c_attn (one adapter on it
-    all), attn.c_proj, mlp.c_fc, mlp.c_proj, head (model.head where there is one, as in a classifier; else
-    lm_head). Returns model.
-    """
-    targets = check_lora_targets(targets)
-    if rank < 1:
-        raise ValueError(f"LoRA rank {rank} must be at least 1")
-    qkv = tuple(i for i, t in enumerate("qkv") if t in targets)
-    whole = [t for t in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") if t in targets]
-    head = "head" if hasattr(model, "head") else "lm_head"  # the output layer: a classifier's, or the LM's
-    model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        if name.endswith("attn.c_attn") and qkv:
-            lora = LoRALinear(module, rank, alpha, dropout, parts=3, adapted=qkv)
-        elif any(name.endswith(t) for t in whole) or ("head" in targets and name == head):
-            lora = LoRALinear(module, rank, alpha, dropout)
-        else:
-            continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, lora)
     return model
-
-
-def check_lora_targets(targets):
-    """targets as a set, or a ValueError saying what is wrong with them."""
-    targets = set(targets)
-    if unknown := targets - set(LORA_CHOICES):
-        raise ValueError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}: choose from {', '.join(LORA_CHOICES)}")
-    if not targets:
-        raise ValueError(f"no LoRA targets: choose from {', '.join(LORA_CHOICES)}")
-    if targets & {"q", "k", "v"} and "attn.c_attn" in targets:
-        raise ValueError("LoRA targets q/k/v and attn.c_attn both adapt the fused attention input: choose one")
-    return targets
-
-
-def merge_lora(model):
-    """Fold every adapter into its weight: the same outputs from plain Linears, all parameters trainable again.
-    A merged lm_head has its own weight, no longer tied to wte. Returns model."""
-    replace_modules(model, LoRALinear, LoRALinear.merged)
-    return model.requires_grad_(True)
-
-
-class Int8Linear(nn.Module):
-    """A Linear with int8 weights and one scale per output row (symmetric, weight-only quantization).
-
-    A decode step reads every weight once, so 1 byte per weight instead of 4 is up to 4x less time. On the CPU
-    torch._weight_int8pack_mm (the kernel gpt-fast uses) multiplies bf16 activations by the int8 weights.
-    """
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        # each row's largest weight becomes +-127; rounding with the stored (bf16) scale keeps every weight within
-        # half a step of its int8 value: |w - q * scale| <= scale / 2
-        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-        self.register_buffer("weight", torch.round(w / scales.float()[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales)
-        self.bias = linear.bias
-
-    def forward(self, x):
-        if self.training:
-            raise RuntimeError("this model's Linear layers are quantized to int8 (quantize_int8), which is for "
-                               "generation only: int8 weights cannot be trained. Fine-tune the float model (LoRA "
-                               "keeps the memory low: lora_rank=16) and quantize the result.")
-        if x.device.type == "cpu":
-            rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scales).to(x.dtype).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype), self.bias)  # dequantized

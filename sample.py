@@ -11,29 +11,28 @@ The text streams to stdout as it is generated; warnings and speed go to stderr. 
 finetune.py carries its prompt template: the prompt is wrapped in it and only the response is printed.
 """
 
-import builtins
-import codecs
 import sys
 import time
 from pathlib import Path
 
-import tiktoken
 import torch
 
-from configurator import fail
-from finetune import EOT, pick_device
-from load_gpt2 import DownloadError, load_gpt2
-from prepare import ALPACA_TEMPLATE, format_prompt
+from configurator import checked, configure, fail
+from data import ALPACA_TEMPLATE, EOT, format_prompt, tokenizer
+from download import DownloadError
+from generation import TextStream, cut_at_stops, fit_context, left_pad, pick_device, until_eot, warn, weights_dtype
+from load_gpt2 import load_model
+from quantize import ready_for_generation
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or finetune.py's ckpt.pt
 prompt = ""  # the text, or FILE:path to read it from a file; empty: start from <|endoftext|>
-input = ""  # the optional Input section of an instruction (used with a template)
+input_ = ""  # the optional Input section of an instruction (used with a template)
 template = "auto"  # auto: the checkpoint's own prompt template, if it has one; none; alpaca
 batch = False  # one prompt per line, generated together as one left-padded batch
 chat = False  # an interactive loop: each line you type is answered; /reset, /quit
-num_samples = 1
-max_new_tokens = 200
+num_samples = 1  # texts generated one after another (each from the same prompt)
+max_new_tokens = 200  # the most new tokens per text
 temperature = 0.8  # 0: greedy
 top_k = None  # keep only the k most likely tokens (None: no limit)
 top_p = 0.95  # keep the fewest most likely tokens whose probabilities add up to top_p (1.0: all)
@@ -42,7 +41,7 @@ seed = 1337  # the same seed gives the same text
 device = "auto"  # auto: cuda > mps > cpu
 dtype = "auto"  # auto (float32 on the CPU, bf16 or fp16 on a GPU), float32, bfloat16 or float16
 quantize = "none"  # none or int8: int8 weights, 4x fewer bytes to read per token than float32
-compile = False  # torch.compile the one-token decode step (the first answer waits for the compile)
+compile_ = False  # torch.compile the one-token decode step (the first answer waits for the compile)
 # -----------------------------------------------------------------------------
 
 SEPARATOR = "---------------"  # a line between samples, as nanoGPT prints them
@@ -72,86 +71,14 @@ def check_settings(c):
     return problems
 
 
-def weights_dtype(name, device_type):
-    """The dtype of the weights. auto is float32 on the CPU: GPT-2's own numbers, and about as fast as bf16
-    there (bench.py); quantize=int8 is the fast setting."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device_type == "mps" else torch.float32
+def template_of(setting, saved):
+    """The prompt template (a dict, see data.ALPACA_TEMPLATE) to wrap prompts in, or None: the checkpoint's own
+    (saved) for auto."""
+    return {"none": None, "alpaca": ALPACA_TEMPLATE}.get(setting, saved)
 
 
-def ready(gpt, quantize="none", compile=False):
-    """The model as sample.py runs it (bench.py measures the same): int8 weights and a compiled decode step
-    if asked for."""
-    if quantize == "int8":
-        gpt.quantize_int8()
-    if compile:
-        gpt.compile_decode()
-    return gpt
-
-
-def read_template(model_path, setting):
-    """The prompt template (a dict, see prepare.ALPACA_TEMPLATE) to wrap prompts in, or None."""
-    if setting == "none":
-        return None
-    if setting == "alpaca":
-        return ALPACA_TEMPLATE
-    path = Path(model_path)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return None  # OpenAI's checkpoints and Hugging Face files have none
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second copy in memory
-    return ckpt.get("template")
-
-
-def wrap(text, template, input=""):
-    return text if template is None else format_prompt(text, input, template)
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def fit_context(ids, block_size, max_new_tokens):
-    """Cut a prompt from the left so that max_new_tokens still fit in the context, though never to less than
-    half of it (a KV cache holds the whole sequence: the window cannot slide)."""
-    room = block_size - min(max_new_tokens, block_size // 2)
-    if len(ids) > room:
-        warn(f"the prompt is {len(ids)} tokens: only its last {room} are kept, so that max_new_tokens="
-             f"{max_new_tokens} fit in the {block_size}-token context")
-        ids = ids[-room:]
-    return ids
-
-
-class TextStream:
-    """Prints tokens as text the moment it is safe: only whole UTF-8 characters (a character can span tokens),
-    and nothing that may be the start of a stop string until it is known not to be."""
-
-    def __init__(self, enc, stops=(), out=None):
-        self.enc, self.stops, self.out = enc, stops, out or sys.stdout
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""  # decoded, not yet printed
-
-    def add(self, token):
-        """Print what token completes; True when a stop string is complete (the text ends before it)."""
-        self.pending += self.utf8.decode(self.enc.decode_single_token_bytes(token))
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.pending = self.pending[:min(found)]
-            return True
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        self.write(self.pending[:len(self.pending) - held])
-        self.pending = self.pending[len(self.pending) - held:]
-        return False
-
-    def finish(self):
-        self.write(self.pending + self.utf8.decode(b"", final=True))
-        self.pending = ""
-
-    def write(self, text):
-        self.out.write(text)
-        self.out.flush()
+def wrap(text, template, input_text=""):
+    return text if template is None else format_prompt(text, input_text, template)
 
 
 def stream(gpt, ids, enc, stops, generator, **sampling):
@@ -184,18 +111,12 @@ def speed(times, rows=1):
 def generate_batch(gpt, prompts, enc, stops, generator, **sampling):
     """Continuations of many prompts (lists of ids) as one batch: left padding and a valid mask give each row what
     it would get alone. Returns the texts, each cut at end-of-text or a stop string, and the times of each step."""
-    width = max(map(len, prompts))
-    dev = gpt.wte.weight.device
-    idx = torch.tensor([[EOT] * (width - len(p)) + p for p in prompts], device=dev)
-    valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=dev)
+    idx, valid = left_pad(prompts, gpt.wte.weight.device)
     columns, times = [], [time.time()]
     for next_id in gpt.generate_stream(idx, valid=valid, eos_id=EOT, generator=generator, **sampling):
         columns.append(next_id)
         times.append(time.time())
-    texts = []
-    for row in torch.stack(columns, dim=1).tolist():
-        text = enc.decode(row[:row.index(EOT)] if EOT in row else row)
-        texts.append(text[:min([i for i in map(text.find, stops) if i >= 0], default=len(text))])
+    texts = [cut_at_stops(enc.decode(until_eot(row)), stops) for row in torch.stack(columns, dim=1).tolist()]
     return texts, times
 
 
@@ -205,7 +126,7 @@ def chat_loop(gpt, enc, template, stops, generator, **sampling):
     history = []  # token ids of the turns so far, each closed by <|endoftext|>
     while True:
         try:
-            line = builtins.input("> ").strip()  # builtins: the setting `input` hides the function here
+            line = input("> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -231,43 +152,39 @@ def warm_up(gpt, rows, batch):
     gpt.generate(idx, 2, temperature=0, valid=torch.ones_like(idx, dtype=torch.bool) if batch else None)
 
 
-def main(c):
-    problems = check_settings(c)
-    if problems:
-        fail("; ".join(problems))
-    text = Path(c["prompt"][5:]).read_text(errors="replace") if c["prompt"].startswith("FILE:") else c["prompt"]
-    dev = pick_device(c["device"])
-    torch.manual_seed(c["seed"])
+def main(config):
+    c = checked(config, check_settings(config))
+    text = Path(c.prompt[5:]).read_text(errors="replace") if c.prompt.startswith("FILE:") else c.prompt
+    dev = pick_device(c.device)
+    torch.manual_seed(c.seed)
     try:
-        gpt = load_gpt2(c["model"], device=dev, dtype=weights_dtype(c["dtype"], torch.device(dev).type))
+        gpt, info = load_model(c.model, device=dev, dtype=weights_dtype(c.dtype, torch.device(dev).type))
     except (DownloadError, ValueError, FileNotFoundError) as e:
         fail(str(e))
-    ready(gpt, c["quantize"], c["compile"])
-    template = read_template(c["model"], c["template"])
-    if c["input"] and template is None:
+    ready_for_generation(gpt, c.quantize, c.compile)
+    template = template_of(c.template, info["template"])
+    if c.input and template is None:
         warn("input= is only used with a prompt template; this model has none (see template=)")
-    enc = tiktoken.get_encoding("gpt2")
-    stops = [c["stop"]] if isinstance(c["stop"], str) else list(c["stop"] or [])
-    generator = torch.Generator(dev).manual_seed(c["seed"])
-    sampling = dict(max_new_tokens=c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"],
-                    top_p=c["top_p"])
+    enc = tokenizer()
+    stops = [c.stop] if isinstance(c.stop, str) else list(c.stop or [])
+    generator = torch.Generator(dev).manual_seed(c.seed)
+    sampling = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets '?', not a crash
         sys.stdout.reconfigure(errors="replace")
 
-    if c["chat"]:
-        if c["compile"]:
+    if c.chat:
+        if c.compile:
             warm_up(gpt, 1, False)
         return chat_loop(gpt, enc, template, stops, generator, **sampling)
-    lines = ([line for line in text.splitlines() if line.strip()] or [""]) if c["batch"] else [text]
-    prompts = [wrap(line, template, c["input"]) for line in lines]
-    ids = [fit_context(enc.encode_ordinary(p) or [EOT], gpt.config.block_size, c["max_new_tokens"])
-           for p in prompts]
-    if c["compile"]:
-        warm_up(gpt, len(ids), c["batch"])
-    for k in range(c["num_samples"]):
+    lines = ([line for line in text.splitlines() if line.strip()] or [""]) if c.batch else [text]
+    prompts = [wrap(line, template, c.input) for line in lines]
+    ids = [fit_context(enc.encode_ordinary(p) or [EOT], gpt.config.block_size, c.max_new_tokens) for p in prompts]
+    if c.compile:
+        warm_up(gpt, len(ids), c.batch)
+    for k in range(c.num_samples):
         if k:
             print(SEPARATOR)
-        if c["batch"]:
+        if c.batch:
             texts, times = generate_batch(gpt, ids, enc, stops, generator, **sampling)
             for i, (line, t) in enumerate(zip(lines, texts)):
                 if i:
@@ -283,7 +200,6 @@ def main(c):
 
 
 if __name__ == "__main__":
-    from configurator import configure
     try:
         main(configure(globals()))
     except KeyboardInterrupt:  # Ctrl-C while generating: stop without a traceback

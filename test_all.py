@@ -21,18 +21,23 @@ import pytest
 import tiktoken
 import torch
 
+import download
 import load_gpt2
 import prepare as pp
+import readers
 from classify import (Classifier, LabelledSplit, collate_labelled, freeze, head_trains_unless_adapted, load_classifier,
-                      pool, read_checkpoint)
+                      pool)
 from configurator import configure
-from finetune import (IGNORE, collate, length_grouped_batches, lora_settings, make_optimizer, padding_fraction,
-                      save_atomic, trainable_line)
-from load_gpt2 import DownloadError, export_hf, load_gpt2 as load, read_safetensors, write_safetensors
-from model import (GPT, LORA_TARGETS, GPTConfig, Int8Linear, LoRALinear, RowsLinear, add_lora, filter_logits, merge_lora,
-                   sample_next)
-from prepare import ALPACA_TEMPLATE, format_prompt, load_records, load_split, prepare
-from sample import TextStream
+from data import (ALPACA_TEMPLATE, IGNORE, collate, format_prompt, length_grouped_batches, load_records, load_split,
+                  padding_fraction)
+from download import DownloadError
+from generation import TextStream
+from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint, read_safetensors, write_safetensors
+from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
+from model import GPT, GPTConfig, filter_logits, sample_next
+from prepare import prepare
+from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
+from training import lora_settings, make_optimizer, save_atomic, trainable_line
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -376,7 +381,7 @@ def hub(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("NANOFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(load_gpt2, "BACKOFF", 0.01)
+    monkeypatch.setattr(download, "BACKOFF", 0.01)
     yield server
     server.shutdown()
     server.server_close()
@@ -526,6 +531,46 @@ def test_configurator_help_lists_every_key(settings, capsys):
     assert "--os" not in out
 
 
+@pytest.mark.parametrize("script", ["finetune.py", "classify.py", "sample.py", "prepare.py", "load_gpt2.py", "bench.py"])
+def test_help_explains_every_setting_with_its_default(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True).stdout
+    settings = [line for line in out.splitlines() if line.startswith("  --")]
+    assert len(settings) >= 3
+    for line in settings:  # --key = default  # the comment at the setting's definition
+        key, _, rest = line.strip().partition(" = ")
+        default, _, comment = rest.partition("  # ")
+        assert default and len(comment) > 8, line
+    if script in ("finetune.py", "sample.py"):  # the settings named after builtins are given without the underscore
+        assert any(line.startswith("  --compile ") for line in settings) and "--compile_" not in out
+
+
+def test_a_setting_named_after_a_builtin_is_set_without_its_underscore():
+    namespace = {"compile_": "auto", "input_": "", "lr": 1.0}
+    config = configure(namespace, ["--compile=True", "--input=Bonjour"])
+    assert config == {"compile": "True", "input": "Bonjour", "lr": 1.0} and namespace["compile_"] == "True"
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line(settings, tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("lr = (3e-5\n")
+    code, err = run_configure(settings, [str(tmp_path / "broken.py")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not valid Python" in err and "broken.py" in err
+
+
+def test_model_py_alone_and_with_lora_py_works_when_copied(tmp_path):
+    for name in ("model.py", "lora.py"):
+        (tmp_path / name).write_bytes((HERE / name).read_bytes())
+    code = ("import torch, model\n"
+            "gpt = model.GPT(model.GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=16))\n"
+            "print(gpt.generate(torch.tensor([[1, 2, 3]]), 5, temperature=0).shape[1])\n")
+    alone = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "..", capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert alone.returncode == 0 and alone.stdout == "8\n", alone.stderr
+    lora = code + "import lora\nlora.add_lora(gpt, 4, 8)\nprint(sum(p.requires_grad for p in gpt.parameters()) > 0)\n"
+    with_lora = subprocess.run([sys.executable, "-c", lora], cwd=tmp_path / "..", capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert with_lora.returncode == 0 and with_lora.stdout == "8\nTrue\n", with_lora.stderr
+
+
 # ----------------------------------------------------------------------------- prepare.py
 
 @pytest.fixture(scope="module")
@@ -549,7 +594,7 @@ def enc():
 @pytest.fixture(scope="module", autouse=True)
 def quick_local_downloads():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(load_gpt2, "BACKOFF", 0.01)
+        mp.setattr(download, "BACKOFF", 0.01)
         mp.delenv("HF_HUB_OFFLINE", raising=False)  # it would stop load_gpt2.download before it starts
         mp.setenv("NO_PROXY", "127.0.0.1,localhost")  # a proxy set in the environment must not get these
         yield
@@ -720,7 +765,7 @@ def test_spam_same_seed_same_output_other_seed_differs(spam, shared, tmp_path):
 def test_wrong_checksum_of_a_known_file_is_refused(shared, server, tmp_path, monkeypatch):
     url = server(shared / "sms_spam_collection.zip", name="checked.zip")
     monkeypatch.setitem(pp.KNOWN_SHA256, url, "0" * 64)
-    with pytest.raises(load_gpt2.DownloadError, match="corrupt"):
+    with pytest.raises(DownloadError, match="corrupt"):
         prepare("spam", tmp_path, urls={"spam": url})
     assert not (tmp_path / "spam" / "meta.json").exists()
 
@@ -789,7 +834,7 @@ def test_medquad_zip_refuses_unsafe_members_and_dtds(tmp_path):
 
 
 def test_oversized_zip_member_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(pp, "MAX_MEMBER_BYTES", 1000)
+    monkeypatch.setattr(readers, "MAX_MEMBER_BYTES", 1000)
     archive = tmp_path / "master.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("MedQuAD-master/big.xml", qa_xml("Big?", "x" * 100_000))  # deflates to far under 1000
@@ -1315,7 +1360,7 @@ def test_lora_parameter_counts_are_the_books():
     # rank 16 on q, k, v, attn.c_proj, mlp.c_fc, mlp.c_proj and the output head ("Build a LLM from scratch")
     with torch.device("meta"):  # shapes only
         medium = add_lora(GPT(GPTConfig.from_name("gpt2-medium")), rank=16, alpha=16)
-        spam = head_trains_unless_adapted(add_lora(Classifier(GPT(GPTConfig.from_name("gpt2")), 2), 16, 16),
+        spam = head_trains_unless_adapted(add_lora(Classifier(GPT(GPTConfig.from_name("gpt2")), 2), 16, 16, head="head"),
                                           {"targets": LORA_TARGETS})
         fused = add_lora(GPT(GPTConfig.from_name("gpt2")), 16, 16, targets=("attn.c_attn",))
     assert sum(p.numel() for p in trainable_params(medium).values()) == 7_898_384  # appendix E / ch07
@@ -1466,7 +1511,7 @@ def test_classifier_with_lora_trains_adapters_and_predicts_merged(classify_run):
 def test_int8_weights_are_within_half_a_step_in_every_layer(tiny):
     gpt = load(tiny[1])
     originals = {n: m.weight.detach().clone() for n, m in gpt.named_modules() if isinstance(m, torch.nn.Linear)}
-    gpt.quantize_int8()
+    quantize_int8(gpt)
     for name, w in originals.items():
         m = gpt.get_submodule(name)
         scale = m.scales.float()[:, None]
@@ -1477,13 +1522,13 @@ def test_int8_weights_are_within_half_a_step_in_every_layer(tiny):
 
 
 def test_a_quantized_model_refuses_to_train(tiny):
-    gpt = load(tiny[1]).quantize_int8()
+    gpt = quantize_int8(load(tiny[1]))
     assert not gpt.training
     idx = torch.randint(0, 50257, (1, 10))
     with pytest.raises(RuntimeError, match="int8 weights cannot be trained"):
         gpt.train()(idx, idx)
     with pytest.raises(ValueError, match="merge the LoRA adapters"):
-        add_lora(load(tiny[1]), 4, 8).quantize_int8()
+        quantize_int8(add_lora(load(tiny[1]), 4, 8))
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -1525,16 +1570,17 @@ def ok(result):
 def test_stream_yields_each_new_column_and_frees_the_cache_when_left_early(tiny):
     ours = load(tiny[1])
     names = set(ours.state_dict())
+    use_kernel(ours, RowsLinear)
+    assert any(isinstance(m, RowsLinear) for m in ours.modules())  # the split-rows float32 path is in use
+    assert set(ours.state_dict()) == names and ours.lm_head.weight is ours.wte.weight  # same weights, still tied
     prompt = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(0))
     full = ours.generate(prompt, 12, temperature=0)
     steps = ours.generate_stream(prompt, 12, temperature=0)
     first = [next(steps) for _ in range(4)]
     assert all(col.shape == (2,) for col in first)
     assert torch.equal(torch.stack(first, 1), full[:, 6:10])
-    assert any(isinstance(m, RowsLinear) for m in ours.modules())  # the fast float32 path is in use
     steps.close()
     assert all(block.attn.kv_cache is None for block in ours.h)
-    assert not any(isinstance(m, RowsLinear) for m in ours.modules()) and set(ours.state_dict()) == names
 
 
 def test_fast_decode_logits_equal_full_recompute(tiny):
@@ -1544,6 +1590,7 @@ def test_fast_decode_logits_equal_full_recompute(tiny):
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = ours.lm_head(ours.hidden_states(idx))
+        use_kernel(ours, RowsLinear)
         ours.setup_cache(3, 40)
         steps = [ours.next_logits(idx[:, :10], 0)] + [ours.next_logits(idx[:, t:t + 1], t) for t in range(10, 40)]
         ours.clear_cache()
@@ -1555,7 +1602,7 @@ def test_int8_weights_stay_close_to_float32(tiny):
     idx = torch.randint(0, 50257, (2, 30), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = ours(idx)[0]
-        q = load(tiny[1]).quantize_int8()
+        q = quantize_int8(load(tiny[1]))
         assert sum(isinstance(m, Int8Linear) for m in q.modules()) == 4 * 2 + 1  # every Linear, lm_head too
         logits = q(idx)[0]
     assert ((logits - ref).norm() / ref.norm()).item() < 0.02

@@ -1,0 +1,147 @@
+"""
+What training and generation read: GPT-2's tokenizer, the prompt template, and the splits prepare.py wrote
+(memory-mapped), cut into padded batches.
+
+    split = Split("data/instruction-data", "train")
+    x, y = split.batch([0, 1, 2, 3], mask_prompt=False, device="cpu")   # inputs and shifted targets
+"""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+EOT = 50256  # <|endoftext|>: ends every example, pads batches, and stops generation
+IGNORE = -100  # the target value that carries no loss (PyTorch's and Hugging Face's default)
+
+ALPACA_TEMPLATE = {  # the prompt of "Build a LLM from scratch" ch07; the response follows it directly
+    "prompt": ("Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
+    "prompt_input": ("Below is an instruction that describes a task. Write a response that appropriately "
+                     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+                     "### Response:\n"),
+}
+
+
+def format_prompt(instruction, input_text="", template=ALPACA_TEMPLATE):
+    """The text the model sees before its response; the Input section only appears when there is input."""
+    if input_text:
+        return template["prompt_input"].format(instruction=instruction, input=input_text)
+    return template["prompt"].format(instruction=instruction)
+
+
+def tokenizer():
+    return tiktoken.get_encoding("gpt2")
+
+
+def encode_batch(texts):
+    """The token ids (uint32 arrays) of many texts, on all cores. Each thread encodes a chunk of texts:
+    tiktoken's encode_ordinary_batch makes one task per text and ran slower than one thread here."""
+    enc, threads = tokenizer(), os.cpu_count() or 1
+    size = max(1, -(-len(texts) // (4 * threads)))
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+
+    def encode(chunk):  # nothing allowed, nothing disallowed: a literal "<|endoftext|>" stays plain text
+        return [enc.encode_to_numpy(text, disallowed_special=()) for text in chunk]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(chain.from_iterable(pool.map(encode, chunks)))
+
+
+# ----------------------------------------------------------------------------- prepared splits
+
+def read_meta(folder):
+    path = Path(folder) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a prepared dataset (it has no meta.json): run prepare.py")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_split(folder, split):
+    """One prepared split, memory-mapped: 'tokens' and 'offsets' (example i is tokens[offsets[i]:offsets[i+1]])
+    and 'prompt_len' (instruction sets) or 'labels' (classification)."""
+    splits = read_meta(folder)["splits"]
+    if split not in splits:
+        raise ValueError(f"{folder} has no '{split}' split; it has {', '.join(splits)}")
+    arrays = {}
+    for key in ("tokens", "offsets", "prompt_len", "labels"):
+        path = Path(folder) / f"{split}.{key}.npy"
+        if path.exists():
+            arrays[key] = np.load(path, mmap_mode="r")
+    return arrays
+
+
+def load_records(folder, split):
+    """The records of a split, in the order of its examples (the reference outputs, the labels as text)."""
+    with open(Path(folder) / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+class Split:
+    """One prepared instruction split: examples read straight from prepare.py's memory-mapped arrays."""
+
+    def __init__(self, folder, name):
+        self.arrays = load_split(folder, name)
+        self.offsets = self.arrays["offsets"]
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def example(self, i):
+        tokens = self.arrays["tokens"][self.offsets[i]:self.offsets[i + 1]]
+        return tokens, int(self.arrays["prompt_len"][i])
+
+    def prompt(self, i):
+        """Example i's prompt as a list of ids: what the model answers from."""
+        tokens, prompt_len = self.example(i)
+        return tokens[:prompt_len].tolist()
+
+    def batch(self, indices, mask_prompt, device):
+        return collate([self.example(i) for i in indices], mask_prompt, device=device)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def collate(examples, mask_prompt=False, pad_id=EOT, device="cpu"):
+    """(inputs, targets) for a list of (token ids, prompt length) examples, each ending in <|endoftext|>.
+
+    Inputs are padded with <|endoftext|>; targets are the inputs shifted by one, so each example's own
+    final <|endoftext|> stays a target (the model learns to stop) while padding targets are IGNORE.
+    With mask_prompt, the targets that are prompt tokens are IGNORE too.
+    """
+    width = max(len(ids) for ids, _ in examples) - 1
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(examples):
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        n = len(ids) - 1
+        inputs[row, :n] = ids[:-1]
+        targets[row, :n] = ids[1:]
+        if mask_prompt:
+            targets[row, :prompt_len - 1] = IGNORE  # target j is token j+1: tokens 1..prompt_len-1
+    return inputs.to(device), targets.to(device)
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch):
+    """This epoch's batches (lists of example indices): shuffled, then grouped by length within windows of
+    50 batches so a batch pads little, then the batches shuffled so lengths don't trend through the epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def padding_fraction(batches, lengths):
+    real = sum(lengths[b].sum() for b in batches)
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    return 1 - real / padded

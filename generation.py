@@ -1,0 +1,117 @@
+"""
+Using a trained GPT-2 for text: which device, prompts cut to the context, batches of prompts left-padded so
+each row gets what it would get alone, and text streamed as whole UTF-8 characters that stops at a stop string.
+sample.py, finetune.py (its sample answers and test_responses.json) and the scripts after them use these.
+
+    answers = answer(gpt, [enc.encode_ordinary(p) for p in prompts], max_new_tokens=64)   # greedy, batched
+"""
+
+import codecs
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from data import EOT
+
+
+def pick_device(name):
+    """The device a setting names; auto: CUDA (this process's GPU under torchrun), else MPS, else the CPU."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def weights_dtype(name, device_type):
+    """The dtype of the weights for generation. auto is float32 on the CPU: GPT-2's own numbers, and about as
+    fast as bf16 there (bench.py); quantize=int8 is the fast setting."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device_type == "mps" else torch.float32
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def fit_context(ids, block_size, max_new_tokens):
+    """Cut a prompt from the left so that max_new_tokens still fit in the context, though never to less than
+    half of it (a KV cache holds the whole sequence: the window cannot slide)."""
+    room = block_size - min(max_new_tokens, block_size // 2)
+    if len(ids) > room:
+        warn(f"the prompt is {len(ids)} tokens: only its last {room} are kept, so that max_new_tokens="
+             f"{max_new_tokens} fit in the {block_size}-token context")
+        ids = ids[-room:]
+    return ids
+
+
+def left_pad(prompts, device):
+    """(idx, valid) for prompts (lists of ids) of different lengths: padded on the left with <|endoftext|>,
+    valid False on the padding, so that model.generate gives each row what it gives that prompt alone."""
+    width = max(map(len, prompts))
+    idx = torch.tensor([[EOT] * (width - len(p)) + list(p) for p in prompts], device=device)
+    valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return idx, valid
+
+
+def until_eot(row):
+    """A row of new token ids up to (not including) its first <|endoftext|>."""
+    return row[:row.index(EOT)] if EOT in row else row
+
+
+@torch.no_grad()
+def answer(model, prompts, max_new_tokens, ctx=None, batch_size=8):
+    """Greedy answers (token lists, without the end-of-text) to prompts (token lists), batched with left
+    padding; greedy outputs of a batch equal those of each prompt alone. ctx: an autocast context, if any."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        group = [list(p[-(model.config.block_size - 1):]) for p in prompts[i:i + batch_size]]
+        idx, valid = left_pad(group, model.wte.weight.device)
+        with ctx or nullcontext():
+            out = model.generate(idx, max_new_tokens, temperature=0, eos_id=EOT, valid=valid)
+        answers += [until_eot(row) for row in out[:, idx.size(1):].tolist()]
+    model.train(was_training)
+    return answers
+
+
+class TextStream:
+    """Prints tokens as text the moment it is safe: only whole UTF-8 characters (a character can span tokens),
+    and nothing that may be the start of a stop string until it is known not to be."""
+
+    def __init__(self, enc, stops=(), out=None):
+        self.enc, self.stops, self.out = enc, stops, out or sys.stdout
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded, not yet printed
+
+    def add(self, token):
+        """Print what token completes; True when a stop string is complete (the text ends before it)."""
+        self.pending += self.utf8.decode(self.enc.decode_single_token_bytes(token))
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.pending = self.pending[:min(found)]
+            return True
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        self.write(self.pending[:len(self.pending) - held])
+        self.pending = self.pending[len(self.pending) - held:]
+        return False
+
+    def finish(self):
+        self.write(self.pending + self.utf8.decode(b"", final=True))
+        self.pending = ""
+
+    def write(self, text):
+        self.out.write(text)
+        self.out.flush()
+
+
+def cut_at_stops(text, stops):
+    """text up to the first of the stop strings in it."""
+    return text[:min([i for i in map(text.find, stops) if i >= 0], default=len(text))]
+
