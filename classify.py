@@ -24,15 +24,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import checked, configure, fail
+from configurator import checked, configure, fail, given_keys
 from data import EOT, Split, length_grouped_batches, tokenizer
 from generation import pick_device
-from load_gpt2 import build, check_state, load_gpt2, read_checkpoint, restore_lora
+from load_gpt2 import atomic_write, build, check_state, config_from_dict, load_gpt2, read_checkpoint, restore_lora
 from lora import add_lora
-from model import GPT, PRESETS, GPTConfig
-from training import (Run, RunLog, StopOnSigint, check_machinery, eta, finish, lora_settings, lr_at, make_optimizer,
-                      optimizer_step, pick_dtype, plot, prepare_dataset, read_resume_checkpoint, restore_training_state,
-                      save_atomic, set_lr, start_run, stop_unless_finite, trainable_line, training_state, wrap)
+from model import GPT, PRESETS
+from training import (Run, RunLog, SaveError, StopOnSigint, check_machinery, claim_out_dir, dataset_folder, eta,
+                      finish, lora_settings, lr_at, make_optimizer, optimizer_step, pick_dtype, plot, prepare_dataset,
+                      read_resume_checkpoint, restore_training_state, resumed_config, save_atomic, set_lr, start_run,
+                      stop_unless_finite, trainable_line, training_state, wrap)
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # training: a GPT-2 name, HF folder or .safetensors; predicting: a classifier's ckpt.pt
@@ -65,8 +66,13 @@ seed = 1337  # data splits (prepare.py's default), batch order and the head's in
 device = "auto"  # auto: cuda > mps > cpu
 dtype = "auto"  # auto, bfloat16, float16 or float32 (float32 turns autocast off)
 compile_ = "auto"  # torch.compile the model: auto (on for CUDA only), True or False
-resume = False  # continue from out_dir/ckpt.pt
+resume = False  # continue out_dir/ckpt.pt: its settings are used, except those given that may change (README)
+overwrite = False  # start over in an out_dir that holds an earlier run's results (they are deleted)
 # -----------------------------------------------------------------------------
+
+POOLINGS = ("last_real", "last")
+MAY_CHANGE = {"resume", "out_dir", "data_dir", "epochs", "eval_interval", "log_interval", "device", "dtype",
+              "compile"}  # what a resumed run may change: where, how long, how often, on what
 
 
 class Classifier(nn.Module):
@@ -202,7 +208,9 @@ def read_classifier(path):
 def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True, path="the checkpoint"):
     """The Classifier of a checkpoint dict (read from path), its GPT part checked and built by load_gpt2; LoRA
     adapters merged into the weights, or kept (merge_lora=False, to resume). A ValueError says what does not fit."""
-    config = GPTConfig(**ckpt["model_config"])
+    config = config_from_dict(ckpt["model_config"])
+    if not (isinstance(ckpt.get("labels"), list) and len(ckpt["labels"]) >= 2 and ckpt.get("pooling") in POOLINGS):
+        raise ValueError(f"{path} has no list of labels or no pooling setting: it is not a whole classifier checkpoint")
     weights = {k: v for k, v in ckpt["model"].items() if ".lora_" not in k}
     state = {k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")}
     state.pop("lm_head.weight", None)  # tied to wte
@@ -230,7 +238,10 @@ def read_messages(text):
     path = Path(text.removeprefix("FILE:"))
     if not path.is_file():
         fail(f"text file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): an SMS may hold \x0c or \u2028
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): an SMS may hold \x0c or \u2028
+    except UnicodeDecodeError as e:
+        fail(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8")
     return [line.removesuffix("\r") for line in lines if line.strip()]
 
 
@@ -242,9 +253,9 @@ def predict(c):
     run = Run(0, 1, False, dev, pick_dtype(c.dtype, dev.split(":")[0]))  # one process, no training: its autocast
     try:
         clf = load_classifier(ckpt, dev, path=c.model).eval()
-    except ValueError as e:
+        enc, labels = tokenizer(), ckpt["labels"]
+    except (ValueError, OSError) as e:
         fail(str(e))
-    enc, labels = tokenizer(), ckpt["labels"]
     for i in range(0, len(messages), c.batch_size):
         group = messages[i:i + c.batch_size]
         idx, lengths, _ = collate_labelled([(enc.encode_ordinary(m), 0) for m in group], clf.gpt.config.block_size,
@@ -263,12 +274,12 @@ def check_settings(c):
                 if c[k] < 1]
     problems += [f"{k}={c[k]} must not be negative" for k in ("lr", "min_lr", "warmup_iters", "weight_decay",
                                                              "grad_clip", "train_subset") if c[k] < 0]
-    if c["trainable"] not in ("head", "last", "all") and not c["trainable"].isdigit():
-        problems.append(f"trainable='{c['trainable']}' must be head, last, all or a number of last blocks")
     if c["lora_rank"] > 0 and c["trainable"] != "last":
         problems.append(f"trainable='{c['trainable']}' does not go with LoRA (lora_rank={c['lora_rank']}): the "
                         f"adapters are what trains; leave trainable out")
-    if c["pooling"] not in ("last_real", "last"):
+    if not (c["trainable"] in ("head", "last", "all") or (c["trainable"].isascii() and c["trainable"].isdigit())):
+        problems.append(f"trainable='{c['trainable']}' must be head, last, all or a number of last blocks")
+    if c["pooling"] not in POOLINGS:
         problems.append(f"pooling='{c['pooling']}' must be last_real or last")
     return problems + check_machinery(c)
 
@@ -277,11 +288,9 @@ def build_model(c, run, labels, lora, ckpt, path):
     """GPT-2 + a fresh head, or everything from a checkpoint to resume (ckpt, read from path); with LoRA, its
     adapters on and everything else frozen, else frozen as `trainable` says."""
     if ckpt:
-        saved = ckpt["config"]
-        if (ckpt["labels"] != labels or (saved["trainable"], saved["pooling"]) != (c.trainable, c.pooling)
-                or ckpt.get("lora") != lora):
-            fail(f"{path} was trained with labels {ckpt['labels']}, trainable={saved['trainable']}, pooling="
-                 f"{saved['pooling']}, LoRA {ckpt.get('lora')}: resume with the same settings, or use another out_dir")
+        if ckpt["labels"] != labels:
+            fail(f"{path} was trained with labels {ckpt['labels']}, but the dataset now has {labels}: the data "
+                 f"changed, so the run cannot go on; start a new run in another --out_dir")
         try:
             clf = load_classifier(ckpt, run.device, c.dropout, merge_lora=False, path=path)
         except ValueError as e:
@@ -306,6 +315,16 @@ def main(config):
     c = checked(config, check_settings(config))
     if c.text:
         return predict(c)
+    if "text" in given_keys():  # --text="" (an unset shell variable?) must not start training instead
+        fail("--text is empty: give a message, or FILE:path for one message a line; leave --text out to train")
+    out = Path(c.out_dir or Path("out") / dataset_folder(c.dataset))
+    ckpt = None
+    if c.resume:  # the run's own settings, but for those given that may change
+        ckpt = read_resume_checkpoint(out, {"kind": str, "labels": list, "pooling": str, "epoch_stats": torch.Tensor})
+        if ckpt["kind"] != "classifier":
+            fail(f"{out / 'ckpt.pt'} is not a classifier written by classify.py: it cannot be resumed here")
+        config = resumed_config(config, ckpt, given_keys(), MAY_CHANGE, out / "ckpt.pt")
+        c = checked(config, check_settings(config))
     run = start_run(c.device, c.dtype)
 
     # data
@@ -318,18 +337,16 @@ def main(config):
     train, val, test = (LabelledSplit(folder, s) for s in ("train", "val", "test"))
     if c.train_subset:
         train.lengths = train.lengths[:c.train_subset]  # len(train) follows lengths
-    out = Path(c.out_dir or Path("out") / folder.name)
+    if run.master:
+        claim_out_dir(out, c.resume, c.overwrite)
 
     # model
     lora = lora_settings(config)
-    ckpt = read_resume_checkpoint(out) if c.resume else None
-    if ckpt and ckpt.get("kind") != "classifier":
-        fail(f"{out / 'ckpt.pt'} is not a classifier written by classify.py: it cannot be resumed here")
     clf = build_model(c, run, labels, lora, ckpt, out / "ckpt.pt")
     max_len = clf.gpt.config.block_size
     optimizer = make_optimizer(clf, c.lr, c.weight_decay, (c.beta1, c.beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.amp_dtype == torch.float16)
-    start_iter = restore_training_state(ckpt, optimizer, scaler) if ckpt else 0
+    start_iter = restore_training_state(ckpt, optimizer, scaler, out / "ckpt.pt") if ckpt else 0
     stats = torch.zeros(3, device=run.device)  # this epoch so far: loss sum, correct, examples
     if ckpt and run.master:  # the other processes' share of an interrupted epoch is not saved: their counts restart
         stats = ckpt["epoch_stats"].to(run.device).clone()
@@ -342,16 +359,19 @@ def main(config):
     total_iters = c.epochs * steps_per_epoch
     log = None
     if run.master:
-        log = RunLog(out, c.resume, start_iter)
+        log = RunLog(out, start_iter, c.resume)
         print(f"{trainable_line(clf, lora, f'trainable={c.trainable}')} on {run.device}, autocast {run.amp_dtype}, "
               f"{run.world} process(es); {len(train)} train / {len(val)} val / {len(test)} test examples, labels "
               f"{labels}; {c.epochs} epochs of {steps_per_epoch} iterations; pooling={c.pooling}")
 
     def save(it):
-        save_atomic({"model": clf.state_dict(), "model_config": asdict(clf.gpt.config), "kind": "classifier",
-                     "labels": labels, "pooling": c.pooling, "config": config, "meta": meta,
-                     **training_state(optimizer, scaler, it), "epoch": it / steps_per_epoch,
-                     "epoch_stats": stats.cpu(), "lora": lora}, out / "ckpt.pt")
+        try:
+            save_atomic({"model": clf.state_dict(), "model_config": asdict(clf.gpt.config), "kind": "classifier",
+                         "labels": labels, "pooling": c.pooling, "config": config, "meta": meta,
+                         **training_state(optimizer, scaler, it), "epoch": it / steps_per_epoch,
+                         "epoch_stats": stats.cpu(), "lora": lora}, out / "ckpt.pt")
+        except SaveError as e:
+            fail(str(e), status=1)
 
     # the loop
     stop = StopOnSigint()
@@ -405,7 +425,7 @@ def main(config):
                    "per_class": per_class(results["test"][1], labels), "labels": labels}
         print("accuracy: " + ", ".join(f"{s} {a:.2%}" for s, a in metrics["accuracy"].items()))
         print_report("test", results["test"][1], labels)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        atomic_write(out / "metrics.json", [(json.dumps(metrics, indent=1) + "\n").encode()])
         plot(log.records, out / "accuracy.png", "epoch", {"train_acc": "train (during the epoch)", "val_acc": "val"},
              "accuracy", marker="o")
         print(f"wrote {out / 'metrics.json'} and {out / 'ckpt.pt'}")

@@ -35,8 +35,31 @@ def format_prompt(instruction, input_text="", template=ALPACA_TEMPLATE):
     return template["prompt"].format(instruction=instruction)
 
 
+def check_template(template):
+    """template, if it is a prompt template format_prompt can fill (both texts, with their fields); else a
+    ValueError saying what is wrong."""
+    try:
+        if format_prompt("\0", "", template).count("\0") != 1 or "\1" not in format_prompt("\0", "\1", template):
+            raise ValueError("a text lacks its field")
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ValueError(f"its prompt template is not usable ({e.__class__.__name__}: {e}): it needs 'prompt' and "
+                         f"'prompt_input' texts with an {{instruction}} field (and {{input}} in the second)") from None
+    return template
+
+
+class TokenizerUnavailable(OSError):
+    pass
+
+
 def tokenizer():
-    return tiktoken.get_encoding("gpt2")
+    """GPT-2's tokenizer; tiktoken downloads its two files once (or finds them in TIKTOKEN_CACHE_DIR)."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline without the files: requests' errors, or tiktoken's own on a bad file
+        raise TokenizerUnavailable(
+            f"GPT-2's tokenizer files could not be loaded ({e.__class__.__name__}): with no network, set "
+            f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files (vocab.bpe, encoder.json), or run once "
+            f"online to cache them") from None
 
 
 def encode_batch(texts):

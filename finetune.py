@@ -17,16 +17,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import checked, configure, fail
+from configurator import checked, configure, fail, given_keys
 from data import Split, length_grouped_batches, load_records, padding_fraction, tokenizer
 from generation import answer
-from load_gpt2 import load_gpt2, model_from_checkpoint
+from load_gpt2 import atomic_write, load_gpt2, model_from_checkpoint
 from lora import add_lora
-from model import PRESETS
-from training import (RunLog, StopOnSigint, check_machinery, eta, evaluate_loss, finish, lora_settings, lr_at,
-                      make_optimizer, optimizer_step, plot, prepare_dataset, read_resume_checkpoint,
-                      restore_training_state, save_atomic, set_lr, start_run, stop_unless_finite, trainable_line,
-                      training_state, wrap)
+from training import (RunLog, SaveError, StopOnSigint, check_machinery, claim_out_dir, dataset_folder, eta,
+                      evaluate_loss, finish, lora_settings, lr_at, make_optimizer, optimizer_step, plot,
+                      prepare_dataset, read_resume_checkpoint, restore_training_state, resumed_config, save_atomic,
+                      set_lr, start_run, stop_unless_finite, trainable_line, training_state, wrap)
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a previous run's ckpt.pt
@@ -58,7 +57,8 @@ seed = 1337  # the data's split and order, and the initial LoRA weights
 device = "auto"  # auto: cuda > mps > cpu
 dtype = "auto"  # auto, bfloat16, float16 or float32 (float32 turns autocast off)
 compile_ = "auto"  # torch.compile the model: auto (on for CUDA only), True or False
-resume = False  # continue from out_dir/ckpt.pt
+resume = False  # continue out_dir/ckpt.pt: its settings are used, except those given that may change (README)
+overwrite = False  # start over in an out_dir that holds an earlier run's results (they are deleted)
 grad_checkpoint = False  # recompute activations in backward: less memory, ~30% more compute
 lora_rank = 0  # > 0: train LoRA adapters of this rank only, every weight of the model frozen; 0: train it all
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
@@ -67,6 +67,10 @@ lora_targets = "q,k,v,attn.c_proj,mlp.c_fc,mlp.c_proj,head"  # also attn.c_attn 
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "nanoft"  # the W&B project name
 # -----------------------------------------------------------------------------
+
+MAY_CHANGE = {"resume", "out_dir", "data_dir", "epochs", "max_iters", "eval_interval", "eval_iters", "eval_prompts",
+              "log_interval", "max_new_tokens", "test_responses", "device", "dtype", "compile", "grad_checkpoint",
+              "wandb_log", "wandb_project"}  # what a resumed run may change: where, how long, how often, on what
 
 
 def check_settings(config):
@@ -95,15 +99,22 @@ def micro_batches_per_step(c, world):
 
 # ----------------------------------------------------------------------------- the model
 
-def check_resumable(ckpt, c, lora, path):
-    """Refuse to resume a checkpoint whose model or LoRA settings differ from this run's."""
-    saved = ckpt["model_config"]
-    if c.model in PRESETS and any(saved[k] != v for k, v in PRESETS[c.model].items()):
-        fail(f"{path} holds a model with n_layer={saved['n_layer']}, n_embd={saved['n_embd']}, not "
-             f"{c.model}: resume with the --model it was trained from, or use another out_dir")
-    if ckpt.get("lora") != lora:
-        fail(f"{path} was trained with LoRA settings {ckpt.get('lora')}, not {lora}: resume with the same "
-             f"lora_* settings, or use another out_dir")
+def check_same_data(ckpt, meta, path):
+    """Refuse to resume on a dataset that changed since the run began (its file, split or tokenization)."""
+    saved = ckpt["meta"]
+    if any(saved.get(k) != meta.get(k) for k in ("sha256", "seed", "max_length", "splits")):
+        fail(f"{path} was trained on {saved.get('name')} as prepared from sha256 {str(saved.get('sha256'))[:12]}... "
+             f"with splits {saved.get('splits')}; it is now {str(meta.get('sha256'))[:12]}... with {meta.get('splits')}: "
+             f"the data changed, so the run cannot go on exactly; start a new run in another --out_dir")
+
+
+def check_fits_context(gpt, splits, dataset):
+    """Every example must fit the model's context (its inputs are one token shorter than the example)."""
+    longest = max(int(split.lengths.max()) for split in splits if len(split))
+    if longest - 1 > gpt.config.block_size:
+        fail(f"dataset '{dataset}' has examples of up to {longest} tokens but the model's context is "
+             f"{gpt.config.block_size}: set --max_length={gpt.config.block_size + 1} (longer examples are dropped, "
+             f"or cut with truncate=True in prepare.py)")
 
 
 def build_model(c, run, ckpt, lora, path):
@@ -163,33 +174,43 @@ def write_test_responses(model, split, folder, out, max_new_tokens, run, enc):
     t0 = time.time()
     answers = answer(model, [split.prompt(i) for i in range(len(split))], max_new_tokens, run.autocast)
     results = [{**record, "model_response": enc.decode(ids).strip()} for record, ids in zip(records, answers)]
-    (out / "test_responses.json").write_text(json.dumps(results, indent=1))
+    atomic_write(out / "test_responses.json", [json.dumps(results, indent=1).encode()])
     print(f"wrote {len(results)} answers to {out / 'test_responses.json'} in {time.time() - t0:.0f}s")
 
 
 def main(config):
     c = checked(config, check_settings(config))
+    out = Path(c.out_dir or Path("out") / dataset_folder(c.dataset))
+    ckpt_path, ckpt = out / "ckpt.pt", None
+    if c.resume:  # the run's own settings, but for those given that may change
+        ckpt = read_resume_checkpoint(out, {"best_val_loss": float})
+        config = resumed_config(config, ckpt, given_keys(), MAY_CHANGE, ckpt_path)
+        c = checked(config, check_settings(config))
     run = start_run(c.device, c.dtype)
     accum = micro_batches_per_step(c, run.world)
     torch.manual_seed(c.seed)
+    try:
+        enc = tokenizer()  # for the sample answers; offline, it needs TIKTOKEN_CACHE_DIR: say so now
+    except OSError as e:
+        fail(str(e))
 
     # data
     folder, meta = prepare_dataset(c.dataset, run, "instruction", "instruction records: finetune.py trains on "
                                    "Alpaca-format data (classify.py trains on labelled examples)",
                                    data_dir=c.data_dir, seed=c.seed, max_length=c.max_length)
     train, val, test = (Split(folder, s) for s in ("train", "val", "test"))
-    out = Path(c.out_dir or Path("out") / folder.name)
-    ckpt_path = out / "ckpt.pt"
+    if ckpt:
+        check_same_data(ckpt, meta, ckpt_path)
+    if run.master:
+        claim_out_dir(out, c.resume, c.overwrite)
 
     # model: fresh from `model`, or everything from out_dir/ckpt.pt when resuming
     lora = lora_settings(config)
-    ckpt = read_resume_checkpoint(out) if c.resume else None
-    if ckpt:
-        check_resumable(ckpt, c, lora, ckpt_path)
     gpt = build_model(c, run, ckpt, lora, ckpt_path)
+    check_fits_context(gpt, (train, val, test), c.dataset)
     optimizer = make_optimizer(gpt, c.lr, c.weight_decay, (c.beta1, c.beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.amp_dtype == torch.float16)
-    start_iter = restore_training_state(ckpt, optimizer, scaler) if ckpt else 0
+    start_iter = restore_training_state(ckpt, optimizer, scaler, ckpt_path) if ckpt else 0
     best_val = ckpt["best_val_loss"] if ckpt else float("inf")
     net = wrap(gpt, run, c.compile)
 
@@ -199,14 +220,13 @@ def main(config):
         fail(f"the train split has {len(train)} examples: too few for batch_size={c.batch_size} x grad_accum="
              f"{accum} x {run.world} processes")
     total_iters = c.max_iters or c.epochs * steps_per_epoch
-    enc = tokenizer()
     log = None
     if run.master:
         wandb = None
         if c.wandb_log:
             import wandb
             wandb.init(project=c.wandb_project, config=config)
-        log = RunLog(out, c.resume, start_iter, wandb)
+        log = RunLog(out, start_iter, c.resume, wandb)
         grouped = length_grouped_batches(train.lengths, c.batch_size, c.seed, 0)
         shuffled = np.array_split(np.random.default_rng(c.seed).permutation(len(train)), len(grouped))
         print(f"{trainable_line(gpt, lora)} on {run.device}, autocast {run.amp_dtype}, {run.world} process(es); "
@@ -215,7 +235,10 @@ def main(config):
               f"of tokens with length grouping ({padding_fraction(shuffled, train.lengths):.1%} without)")
 
     def save(path, it):
-        save_atomic(checkpoint(gpt, optimizer, scaler, it, best_val, config, meta, lora), path)
+        try:
+            save_atomic(checkpoint(gpt, optimizer, scaler, it, best_val, config, meta, lora), path)
+        except SaveError as e:
+            fail(str(e), status=1)
 
     # the loop
     stop = StopOnSigint()

@@ -8,6 +8,7 @@ sample.py, finetune.py (its sample answers and test_responses.json) and the scri
 
 import codecs
 import os
+import re
 import sys
 from contextlib import nullcontext
 
@@ -23,6 +24,21 @@ def pick_device(name):
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def device_problem(name):
+    """What is wrong with a device setting on this machine, or None."""
+    if name in ("auto", "cpu"):
+        return None
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            return f"device='{name}' but torch finds no CUDA GPU here: use device=cpu (or auto)"
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            return f"device='{name}' but there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)"
+        return None
+    if name == "mps":
+        return None if torch.backends.mps.is_available() else "device='mps' but this is no Mac with MPS: use cpu"
+    return f"device='{name}' is not one this project runs on: auto, cpu, cuda, cuda:N or mps"
 
 
 def weights_dtype(name, device_type):

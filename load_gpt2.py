@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import requests
 import torch
 
+from data import check_template
 from download import DownloadError, download
 from lora import add_lora, merge_lora
 from model import GPT, PRESETS, GPTConfig
@@ -44,20 +46,25 @@ def offline():
 
 
 def download_gpt2(name):
-    """The cache folder holding config.json and model.safetensors of an OpenAI GPT-2 checkpoint."""
+    """The cache folder holding config.json and model.safetensors of an OpenAI GPT-2 checkpoint, each checked
+    (a GPT-2 config; a valid safetensors header) before it is cached."""
     folder = cache_dir() / name
     base = f"{hf_endpoint()}/{HF_REPO.format(name=name)}/resolve/main"
+    ways = (f"set HF_ENDPOINT to a mirror (now {hf_endpoint()}), or pass --model=<folder> with config.json and "
+            f"model.safetensors you already have")
+    checks = {"config.json": lambda p: read_hf_config(p), "model.safetensors": lambda p: read_safetensors(p)}
     for file in HF_FILES:
         if offline() and not (folder / file).exists():
-            raise DownloadError(f"{folder / file} is not in the cache and HF_HUB_OFFLINE is set: run once with "
-                                f"network access (or unset HF_HUB_OFFLINE) to download it from {base}/{file}")
+            raise DownloadError(f"{folder / file} is not in the cache and HF_HUB_OFFLINE is set: unset "
+                                f"HF_HUB_OFFLINE to download it from {base}/{file}, or {ways}")
         try:
-            download(f"{base}/{file}", folder / file, desc=f"{name}/{file}")
+            download(f"{base}/{file}", folder / file, desc=f"{name}/{file}", check=checks[file],
+                     max_bytes=1 << 20 if file == "config.json" else None)
         except requests.RequestException as e:
             raise DownloadError(f"could not download {name} from {base}/{file} ({e.__class__.__name__}): "
-                                f"check your network, or set HF_ENDPOINT to a mirror") from None
+                                f"check your network, or {ways}") from None
         except DownloadError as e:
-            raise DownloadError(f"could not get model '{name}': {e} (HF_ENDPOINT={hf_endpoint()})") from None
+            raise DownloadError(f"could not get model '{name}': {e}; or {ways}") from None
     return folder
 
 
@@ -84,8 +91,8 @@ def read_safetensors(path):
                              f"{'the file' if n <= MAX_HEADER else 'the 100 MB limit'}")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path} is not a valid safetensors file: header is not JSON ({first_line(e)})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a valid safetensors file: header is not a JSON object")
     header.pop("__metadata__", None)
@@ -104,7 +111,7 @@ def _check_entry(path, name, info, data_size):
         return ValueError(f"{path} is not a valid safetensors file: tensor '{name}' {why}")
     if not isinstance(info, dict):
         raise bad("has no description")
-    if info.get("dtype") not in DTYPES:
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
         raise bad(f"has dtype {info.get('dtype')!r}; supported: {', '.join(DTYPES)}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
@@ -132,10 +139,10 @@ def write_safetensors(tensors, path, metadata=None):
         header["__metadata__"] = metadata
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    _atomic_write(path, [len(head).to_bytes(8, "little"), head, *blobs])
+    atomic_write(path, [len(head).to_bytes(8, "little"), head, *blobs])
 
 
-def _atomic_write(path, chunks):
+def atomic_write(path, chunks):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
     try:
@@ -150,12 +157,57 @@ def _atomic_write(path, chunks):
 
 # ----------------------------------------------------------------------------- mapping into model.py
 
+def read_hf_config(path):
+    """GPTConfig from a Hugging Face config.json file, or a ValueError naming the file and what is wrong."""
+    try:
+        return config_from_hf(read_json(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_json(path, limit=10_000_000):
+    """The JSON in a (small) file; a ValueError for anything that is not, including nesting too deep to parse."""
+    if Path(path).stat().st_size > limit:
+        raise ValueError(f"{path} is over {limit:,} bytes, too large for what it should hold")
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e.__class__.__name__}: {first_line(e)})") from None
+
+
 def config_from_hf(hf):
     """GPTConfig from a Hugging Face GPT-2 config.json dict."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json holds a JSON {type(hf).__name__}, not an object of GPT-2 settings")
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json describes a '{hf['model_type']}' model, not GPT-2")
-    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        raise ValueError(f"config.json describes a {hf['model_type']!r} model, not GPT-2")
+    missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json has no {', '.join(missing)}: it does not describe a GPT-2")
+    return check_config(GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                                  n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"]))
+
+
+def config_from_dict(values):
+    """GPTConfig from a checkpoint's 'model_config' dict, checked."""
+    if not isinstance(values, dict) or not set(values) <= set(GPTConfig.__dataclass_fields__):
+        raise ValueError(f"its model_config {str(values)[:100]} is not GPT-2's settings")
+    return check_config(GPTConfig(**values))
+
+
+def check_config(config):
+    """config, or a ValueError naming the setting that no GPT-2 can have."""
+    for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, key)
+        if type(value) is not int or not 1 <= value <= 1_000_000:
+            raise ValueError(f"{key}={value!r} is not a size a GPT-2 can have (a whole number, 1 or more)")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+    if config.vocab_size < 50257:
+        raise ValueError(f"vocab_size={config.vocab_size} is smaller than GPT-2's tokenizer (50,257 tokens)")
+    if not (isinstance(config.dropout, (int, float)) and 0 <= config.dropout < 1) or type(config.bias) is not bool:
+        raise ValueError(f"dropout={config.dropout!r} / bias={config.bias!r} are not valid settings")
+    return config
 
 
 def hf_to_ours(tensors, config):
@@ -236,15 +288,25 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, mer
         missing = [f for f in HF_FILES if not (path / f).exists()]
         if missing:
             raise FileNotFoundError(f"{path} is not a Hugging Face GPT-2 folder: it has no {', '.join(missing)}")
-        config = config_from_hf(json.loads((path / "config.json").read_text()))
-        tensors = read_safetensors(path / "model.safetensors")
+        try:
+            config = read_hf_config(path / "config.json")
+            tensors = read_safetensors(path / "model.safetensors")
+        except ValueError as e:
+            if str(name_or_path) in PRESETS:  # checked when it was downloaded: changed in the cache since
+                raise ValueError(f"{e}; it is in the download cache: delete {path} to download it again") from None
+            raise
     elif path.suffix == ".safetensors":
         tensors = read_safetensors(path)
         beside = path.with_name("config.json")
-        config = config_from_hf(json.loads(beside.read_text())) if beside.exists() else config_from_tensors(tensors)
+        config = read_hf_config(beside) if beside.exists() else config_from_tensors(tensors)
     else:
         ckpt = read_checkpoint(path)
         info = {key: ckpt.get(key) for key in info}
+        if info["template"] is not None:
+            try:
+                check_template(info["template"])
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
         return model_from_checkpoint(ckpt, device, dtype, dropout, merge_lora, path), info
     return build(config, hf_to_ours(tensors, config), device, dtype, dropout), info
 
@@ -257,23 +319,43 @@ def config_from_tensors(tensors):
         raise ValueError("this .safetensors file has no wte.weight / wpe.weight: it is not a GPT-2 checkpoint")
     vocab_size, n_embd = names["wte.weight"].shape
     n_layer = len({k.split(".")[1] for k in names if k.startswith("h.")})
-    return GPTConfig(block_size=names["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
-                     n_head=max(1, n_embd // 64), n_embd=n_embd)
+    return check_config(GPTConfig(block_size=names["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
+                                  n_head=max(1, n_embd // 64), n_embd=n_embd))
 
 
 # ----------------------------------------------------------------------------- our own checkpoints
 
 def read_checkpoint(path):
     """The dict a checkpoint of our scripts holds ({'model': state_dict, 'model_config': dict, ...}), read once,
-    memory-mapped (a tensor is read when it is used) and with weights_only (a pickle cannot run code)."""
+    memory-mapped (a tensor is read when it is used) and with weights_only (a pickle cannot run code). Every
+    byte is checked first against the CRC32 torch.save stores for each record: a damaged file is refused."""
+    check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
+        code = [s.strip() for s in str(e).split(".") if "arbitrary code" in s]  # torch's own warning, kept
         raise ValueError(f"{path} is not a checkpoint this project can read ({e.__class__.__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+                         f"{first_line(e)[:200]}){'; torch says: ' + code[0] if code else ''}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanoFT checkpoint (expected the keys 'model' and 'model_config')")
     return ckpt
+
+
+def check_archive(path):
+    """Read every record of a torch.save archive (a zip) and compare it with its stored CRC32."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is not a checkpoint this project can read (not a torch.save archive: "
+                         f"{first_line(e) or 'empty or cut short'}); if it was copied, copy it again") from None
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: its record {bad} does not match its checksum (a disk or copy "
+                         f"error?); use another copy, or best.pt, or start a new run")
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def model_from_checkpoint(ckpt, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True, path="checkpoint"):
@@ -281,7 +363,10 @@ def model_from_checkpoint(ckpt, device="cpu", dtype=torch.float32, dropout=0.0, 
     if ckpt.get("kind") == "classifier":  # gpt.* and head.* weights: a GPT-2 with no language-model head
         raise ValueError(f"{path} is a text classifier ({', '.join(map(str, ckpt.get('labels', [])))}) written by "
                          f"classify.py, not a language model: use it with python classify.py --model={path} --text=...")
-    config = GPTConfig(**ckpt["model_config"])
+    try:
+        config = config_from_dict(ckpt["model_config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # from a compiled model
     adapters = {k: state.pop(k) for k in list(state) if ".lora_" in k}
     model = build(config, check_state(drop_tied_head(state), config), device, dtype, dropout)
@@ -325,7 +410,7 @@ def export_hf(model, folder):
                  "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
                  "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "layer_norm_epsilon": 1e-5,
                  "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": tied}
-    _atomic_write(folder / "config.json", [json.dumps(hf_config, indent=2).encode()])
+    atomic_write(folder / "config.json", [json.dumps(hf_config, indent=2).encode()])
     return folder
 
 

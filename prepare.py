@@ -31,7 +31,7 @@ import requests
 
 from data import ALPACA_TEMPLATE, EOT, encode_batch, format_prompt, read_meta
 from download import DownloadError, download, sha256_of
-from readers import Skips, read_records, read_text
+from readers import Skips, decode, read_records, read_text
 
 # -----------------------------------------------------------------------------
 dataset = "alpaca"  # alpaca, instruction-data, medquad, spam, or a path/URL to a .json/.jsonl/.csv/.tsv/.txt
@@ -64,8 +64,14 @@ def is_url(source):
     return str(source).startswith(("http://", "https://"))
 
 
+def safe_name(text, fallback="dataset"):
+    """text as one safe path component: letters, digits, '.', '_' and '-' only, never '.' or '..' or hidden."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:100] or fallback
+
+
 def resolve(dataset, urls=None):
-    """(name, kind, source) of a built-in dataset or of a path/URL to a file of your own (NAME = its stem)."""
+    """(name, kind, source) of a built-in dataset or of a path/URL to a file of your own (NAME: its stem, made
+    a safe folder name)."""
     if dataset in BUILTIN:
         defaults = {"alpaca": alpaca_url, "instruction-data": instruction_data_url, "medquad": medquad_url,
                     "spam": spam_url}
@@ -76,15 +82,21 @@ def resolve(dataset, urls=None):
         if file.suffix.lower() not in SUFFIX_KIND:
             raise ValueError(f"unknown dataset '{dataset}': use one of {', '.join(BUILTIN)}, or a path or URL "
                              f"to a .json/.jsonl (Alpaca records), .csv/.tsv (label and text columns) or .txt file")
-        name, kind = file.stem, SUFFIX_KIND[file.suffix.lower()]
+        name, kind = safe_name(file.stem), SUFFIX_KIND[file.suffix.lower()]
         if name in BUILTIN:
             raise ValueError(f"{source} would be prepared into data/{name}, the folder of the built-in dataset "
                              f"'{name}': rename the file")
     return name, kind, source if is_url(source) else str(Path(source).expanduser().resolve())
 
 
-def fetch(source, folder):
-    """The raw file: a local path is read in place, a URL is downloaded once into folder and kept there."""
+def dataset_name(dataset, urls=None):
+    """The folder name (data/NAME) a dataset is prepared into."""
+    return resolve(dataset, urls)[0]
+
+
+def fetch(source, folder, name):
+    """The raw file: a local path is read in place, a URL is downloaded once into folder/download/ (apart from
+    the prepared files, whatever the URL's file is called) and kept there, parsed before it is kept."""
     if not is_url(source):
         if not Path(source).is_file():
             raise FileNotFoundError(f"dataset file {source} does not exist")
@@ -92,10 +104,24 @@ def fetch(source, folder):
     filename = PurePosixPath(urlparse(source).path).name
     if not filename:
         raise ValueError(f"{source} does not name a file: give the URL of the dataset file itself")
+    dest = folder / "download" / safe_name(filename, "file")
     try:
-        return download(source, folder / filename, sha256=KNOWN_SHA256.get(source), desc=filename)
+        return download(source, dest, sha256=KNOWN_SHA256.get(source), desc=filename,
+                        check=lambda part: check_parses(name, part.with_name(dest.name), part))
     except requests.RequestException as e:
         raise DownloadError(f"could not download {source} ({e.__class__.__name__}: {e})") from None
+
+
+def check_parses(name, as_named, part):
+    """A ValueError unless the downloaded file (at part, to be named as_named) holds at least one record."""
+    if as_named.suffix.lower() == ".txt":
+        with open(part, "rb") as f:
+            decode(f.read(1 << 20).rsplit(b"\n", 1)[0] or b" ", as_named.name)  # UTF-8, as far as a whole line goes
+        return
+    skips, counts = Skips(), Counter()
+    skips.shown = 0  # quiet: the records are read (and skips shown) again when the dataset is prepared
+    if not read_records(name, part, skips, counts, suffix=as_named.suffix):
+        raise ValueError(f"it holds no usable record (skipped: {dict(skips) or 'none'})")
 
 
 # ----------------------------------------------------------------------------- tokens and splits
@@ -205,14 +231,13 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
     (then nothing is read or downloaded). urls overrides built-in datasets' sources: {"spam": url_or_path}."""
     name, kind, source = resolve(dataset, urls)
     folder = Path(data_dir) / name
+    asked = {"source": source, "seed": seed, "max_length": max_length, "truncate": truncate}
     if (folder / "meta.json").exists():
-        meta, asked = read_meta(folder), {"source": source, "seed": seed, "max_length": max_length,
-                                          "truncate": truncate}
-        differ = [f"{k}={meta.get(k)!r} (not {v!r})" for k, v in asked.items() if meta.get(k) != v]
-        if differ:
-            print(f"note: {folder} was prepared with {', '.join(differ)}; delete it to prepare it again")
-        return folder
-    raw = fetch(source, folder)
+        changed = what_changed(read_meta(folder), asked)
+        if not changed:
+            return folder
+        print(f"note: {folder} was prepared with {changed}: preparing it again")
+    raw = fetch(source, folder, name)
     print(f"{name}: preparing {raw}")
     start, rng, skips, counts = time.time(), np.random.default_rng(seed), Skips(), Counter()
     extra = {}
@@ -237,13 +262,30 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
     counts["examples"] = len(examples)
     splits = make_splits(examples, kind, rng)
     sizes = {s: len(ex) if kind != "text" else len(ex[0]["tokens"]) for s, ex in splits.items()}
-    meta = {"name": name, "kind": kind, "source": source, "raw": raw.name, "sha256": sha256_of(raw),
-            "seed": seed, "max_length": max_length, "truncate": truncate, "tokenizer": "gpt2",
+    meta = {"name": name, "kind": kind, **asked, "raw": raw.name, "sha256": sha256_of(raw), **stamp(raw),
+            "tokenizer": "gpt2",
             "splits": sizes, "skipped": dict(skips), "counts": dict(counts), "tokens": token_stats(examples),
             **extra}
     write_dataset(folder, splits, kind, meta)
     summarize(meta, time.time() - start, folder)
     return folder
+
+
+def stamp(raw):
+    """The size and modification time of a file, to notice cheaply when it has changed."""
+    stat = raw.stat()
+    return {"source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+
+
+def what_changed(meta, asked):
+    """Why a prepared dataset no longer fits what is asked (other settings, or a source file whose contents
+    changed since), as text; '' when it still does."""
+    differ = [f"{k}={meta.get(k)!r} (not {v!r})" for k, v in asked.items() if meta.get(k) != v]
+    source = Path(asked["source"])
+    if not differ and not is_url(asked["source"]) and source.is_file():
+        if {k: meta.get(k) for k in stamp(source)} != stamp(source) and sha256_of(source) != meta.get("sha256"):
+            differ.append(f"an earlier version of {source.name} (its contents changed since)")
+    return ", ".join(differ)
 
 
 def summarize(meta, seconds, folder):
@@ -262,5 +304,5 @@ if __name__ == "__main__":
     configure(globals())
     try:
         print(f"ready: {prepare(dataset, data_dir, seed, max_length, truncate)}")
-    except (ValueError, FileNotFoundError, DownloadError) as e:
+    except (ValueError, OSError, DownloadError) as e:
         fail(str(e))

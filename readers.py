@@ -13,9 +13,13 @@ import json
 import zipfile
 import xml.etree.ElementTree as ET
 from collections import Counter
+from itertools import chain
 from pathlib import Path, PurePosixPath
 
-MAX_MEMBER_BYTES = 1 << 28  # a zip member larger than this (256 MB) is refused: no real dataset file is near it
+MAX_MEMBER_BYTES = 1 << 26  # a zip member larger than this (64 MB) is refused: no real dataset file is near it
+MAX_RATIO = 100  # a zip member compressed more than 100:1 is refused: text compresses 3-10:1, bombs far more
+MAX_FILE_BYTES = 1 << 30  # a .json/.csv/.tsv read whole must be under 1 GB (a .jsonl is streamed)
+MAX_RECORDS = 1_000_000  # more records than this are refused: memory grows with their number
 
 
 class Skips(Counter):
@@ -39,11 +43,32 @@ def decode(data, where):
 
 
 def read_text(path):
+    """A whole file as text: for the formats that cannot be read a piece at a time (a JSON list)."""
+    size = Path(path).stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} a dataset file read whole "
+                         f"may have: write it as .jsonl (one record a line), which is read a line at a time")
     return decode(Path(path).read_bytes(), path)
 
 
+def lines_of(stream, where):
+    """The lines of a binary stream, decoded as UTF-8, split at '\n' only (not splitlines(): an SMS may hold
+    \x0c or \u2028), without their line ends; read a piece at a time."""
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="\n")
+    try:
+        for line in text:
+            yield line.removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text ({e}): convert it to UTF-8 and try again") from None
+
+
+def file_lines(path):
+    with open(path, "rb") as f:
+        yield from lines_of(f, path)
+
+
 def zip_members(path, skips, keep):
-    """(name, bytes) of the zip's files for which keep(name) holds, read in memory and never extracted.
+    """(name, binary stream) of the zip's files for which keep(name) holds, read as streams and never extracted.
     Names that would escape an extraction folder are refused anyway, and so is anything bomb-sized."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -52,12 +77,14 @@ def zip_members(path, skips, keep):
                     continue
                 if unsafe_name(info.filename):
                     skips.add("unsafe member name", info.filename)
-                    continue
-                if info.file_size > MAX_MEMBER_BYTES:  # zipfile never inflates past the declared size
+                elif info.file_size > MAX_MEMBER_BYTES:  # zipfile never inflates past the declared size
                     skips.add(f"member larger than {MAX_MEMBER_BYTES:,} bytes", info.filename)
-                    continue
-                yield info.filename, z.read(info)
-    except zipfile.BadZipFile as e:
+                elif info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                    skips.add(f"member compressed more than {MAX_RATIO}:1 (a zip bomb?)", info.filename)
+                else:
+                    with z.open(info) as member:
+                        yield info.filename, member
+    except (zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"{path} is not a readable zip file ({e}): if it was downloaded, delete it and "
                          f"run again") from None
 
@@ -67,58 +94,68 @@ def unsafe_name(name):
     return name.startswith(("/", "\\")) or ".." in parts or (len(parts) > 0 and ":" in parts[0])
 
 
+def counted(items, counts, where):
+    """items, counted into counts['read'] as they are read; past MAX_RECORDS, a ValueError."""
+    for item in items:
+        counts["read"] += 1
+        if counts["read"] > MAX_RECORDS:
+            raise ValueError(f"{where} has more than {MAX_RECORDS:,} records: split it into several datasets")
+        yield item
+
+
 # ----------------------------------------------------------------------------- records
 
-def read_records(name, raw, skips, counts):
-    """The dataset's records, {instruction, input, output} or {text, label} dicts; bad ones are skipped."""
-    suffix = raw.suffix.lower()
+def read_records(name, raw, skips, counts, suffix=None):
+    """The dataset's records, {instruction, input, output} or {text, label} dicts; bad ones are skipped. The
+    format goes by the file's suffix (or the one given, for a download not yet renamed)."""
+    suffix = (suffix or raw.suffix).lower()
     if name == "medquad" and suffix == ".csv":  # Kaggle's medquad.csv: question, answer, source, focus_area
-        return medquad_records(columns(csv_rows(raw), ("question", "answer"), raw, skips), skips, counts)
+        return medquad_records(columns(csv_rows(raw), ("question", "answer"), raw, skips, counts), skips, counts)
     if name == "medquad":
         return medquad_records(medquad_zip_pairs(raw, skips, counts), skips, counts)
     if name == "spam":
         return read_sms(raw, skips, counts)
     if suffix in (".json", ".jsonl"):
-        return read_instructions(raw, skips, counts)
-    return labelled(csv_rows(raw) if suffix == ".csv" else tsv_rows(read_text(raw)), raw, skips, counts)
+        return read_instructions(raw, skips, counts, lines=suffix == ".jsonl")
+    rows = csv_rows(raw) if suffix == ".csv" else tsv_rows(file_lines(raw))
+    return labelled(rows, raw, skips, counts)
 
 
-def read_instructions(path, skips, counts):
-    """Alpaca records from a .json list or a .jsonl file (one object a line)."""
-    text = read_text(path)
-    items = jsonl_items(text, skips) if path.suffix.lower() == ".jsonl" else json_items(text, path)
-    counts["read"] = len(items) + skips["not JSON"]
+def read_instructions(path, skips, counts, lines=False):
+    """Alpaca records from a .json list, or with lines=True a .jsonl file (one object a line)."""
+    items = jsonl_items(file_lines(path), skips) if lines else json_items(read_text(path), path)
     records = []
-    for item in items:
+    for item in counted(items, counts, path):
         reason = invalid(item)
         if reason:
             skips.add(reason, item)
         else:
             records.append({"instruction": item["instruction"], "input": item.get("input", ""),
                             "output": item["output"]})
+    counts["read"] += skips["not JSON"]  # lines read that held no JSON at all
     return records
 
 
 def json_items(text, path):
     try:
         items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): an instruction dataset is a JSON list of "
-                         f"{{instruction, input, output}} records, or a .jsonl file of one a line") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e.__class__.__name__}: {str(e)[:100]}): an instruction "
+                         f"dataset is a JSON list of {{instruction, input, output}} records, or a .jsonl file of "
+                         f"one a line") from None
     if not isinstance(items, list):
         raise ValueError(f"{path} holds a JSON {type(items).__name__}, not a list of records")
     return items
 
 
-def jsonl_items(text, skips):
-    items = []
-    for n, line in enumerate(text.split("\n"), 1):
+def jsonl_items(lines, skips):
+    """The JSON value of each non-blank line; a line that is not JSON is skipped."""
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                skips.add("not JSON", f"line {n}: {e}: {line}")
-    return items
+                yield json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                skips.add("not JSON", f"line {n}: {e.__class__.__name__}: {line}")
 
 
 def invalid(item):
@@ -140,40 +177,45 @@ def invalid(item):
 
 
 def csv_rows(path):
-    try:  # the csv module, because quoted fields may hold commas and newlines
-        return list(csv.reader(io.StringIO(read_text(path), newline="")))
+    """The rows of a CSV file, read a row at a time (the csv module: quoted fields may hold commas and newlines)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            yield from csv.reader(f)
     except csv.Error as e:
         raise ValueError(f"{path} is not a readable CSV file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8 and try again") from None
 
 
-def tsv_rows(text, ncols=None):
+def tsv_rows(lines, ncols=None):
     """Tab-separated rows, split by hand: a CSV reader would let a quote at the start of an SMS swallow the
     lines after it. Extra tabs stay in the last column (the text)."""
-    lines = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
-    ncols = ncols or len(lines[0].split("\t"))
-    return [line.split("\t", ncols - 1) for line in lines]
+    for line in lines:
+        if line.strip():
+            ncols = ncols or len(line.split("\t"))
+            yield line.split("\t", ncols - 1)
 
 
-def columns(rows, names, where, skips):
-    """The named columns of each row under the header rows[0] (names matched case-insensitively)."""
-    header = [h.strip().lower() for h in rows[0]]
+def columns(rows, names, where, skips, counts):
+    """The named columns of each row under the header (the first row; names matched case-insensitively); the
+    rows below the header are counted as read."""
+    rows = iter(rows)
+    first = next(rows, None)
+    header = [h.strip().lower() for h in first or []]
     if not set(names) <= set(header):
         raise ValueError(f"{where} needs a header row naming the columns {' and '.join(names)}; its first row "
-                         f"is {rows[0]}")
-    picked = []
-    for n, row in enumerate(rows[1:], 2):
+                         f"is {first}")
+    for n, row in enumerate(counted(rows, counts, where), 2):
         if len(row) != len(header):
             skips.add(f"not {len(header)} columns", f"row {n}: {row}")
         else:
-            picked.append([row[header.index(name)] for name in names])
-    return picked
+            yield [row[header.index(name)] for name in names]
 
 
 def labelled(rows, where, skips, counts):
     """{text, label} records of a table with a label and a text column."""
-    counts["read"] = len(rows) - 1
     records = []
-    for label, text in columns(rows, ("label", "text"), where, skips):
+    for label, text in columns(rows, ("label", "text"), where, skips, counts):
         if label.strip() and text.strip():
             records.append({"text": text, "label": label.strip()})
         else:
@@ -183,24 +225,24 @@ def labelled(rows, where, skips, counts):
 
 def read_sms(path, skips, counts):
     """The SMS Spam Collection: 'ham<TAB>text' or 'spam<TAB>text' lines, from the UCI zip or the bare file."""
+    rows = [["label", "text"]]
     if zipfile.is_zipfile(path):
-        member = [data for _, data in zip_members(path, skips, lambda n: n.endswith("SMSSpamCollection"))]
-        if not member:
-            raise ValueError(f"{path} has no SMSSpamCollection file: is it the UCI SMS Spam Collection zip?")
-        text = decode(member[0], f"{path}:SMSSpamCollection")
-    else:
-        text = read_text(path)
-    return labelled([["label", "text"]] + tsv_rows(text, ncols=2), path, skips, counts)
+        for name, member in zip_members(path, skips, lambda n: n.endswith("SMSSpamCollection")):
+            return labelled(chain(rows, tsv_rows(lines_of(member, f"{path}:{name}"), ncols=2)), path, skips, counts)
+        raise ValueError(f"{path} has no usable SMSSpamCollection file: is it the UCI SMS Spam Collection zip?")
+    return labelled(chain(rows, tsv_rows(file_lines(path), ncols=2)), path, skips, counts)
 
 
 def medquad_zip_pairs(path, skips, counts):
     """(question, answer) of every <QAPair> in the XML files of MedQuAD's GitHub archive."""
     pairs, files = [], 0
-    for name, data in zip_members(path, skips, lambda n: n.endswith(".xml")):
-        root = parse_xml(data, name, skips)
+    for name, member in zip_members(path, skips, lambda n: n.endswith(".xml")):
+        root = parse_xml(member.read(), name, skips)
         if root is not None:
             files += 1
             pairs += [(qa.findtext("Question") or "", qa.findtext("Answer") or "") for qa in root.iter("QAPair")]
+            if len(pairs) > MAX_RECORDS:
+                raise ValueError(f"{path} has more than {MAX_RECORDS:,} question-answer pairs: not MedQuAD")
     counts["xml_files"] = files
     return pairs
 
@@ -227,6 +269,7 @@ def parse_xml(data, name, skips):
 def medquad_records(pairs, skips, counts):
     """Alpaca records of the pairs with an answer (most answers were removed upstream, for copyright),
     whitespace normalised, exact duplicates dropped."""
+    pairs = list(pairs)
     counts["read"] = counts["pairs"] = len(pairs)
     seen, records = set(), []
     for question, answer in pairs:

@@ -20,7 +20,8 @@ import torch
 from configurator import checked, configure, fail
 from data import ALPACA_TEMPLATE, EOT, format_prompt, tokenizer
 from download import DownloadError
-from generation import TextStream, cut_at_stops, fit_context, left_pad, pick_device, until_eot, warn, weights_dtype
+from generation import (TextStream, cut_at_stops, device_problem, fit_context, left_pad, pick_device, until_eot, warn,
+                        weights_dtype)
 from load_gpt2 import load_model
 from quantize import ready_for_generation
 
@@ -68,7 +69,17 @@ def check_settings(c):
         problems.append("chat=True and batch=True do not go together")
     if c["prompt"].startswith("FILE:") and not Path(c["prompt"][5:]).is_file():
         problems.append(f"prompt file '{c['prompt'][5:]}' does not exist (or is not a file)")
-    return problems
+    return problems + [p for p in [device_problem(c["device"])] if p]
+
+
+def read_prompt(prompt):
+    """The prompt text: the setting itself, or with FILE:path, that file (UTF-8)."""
+    if not prompt.startswith("FILE:"):
+        return prompt
+    try:
+        return Path(prompt[5:]).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"prompt file '{prompt[5:]}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8")
 
 
 def template_of(setting, saved):
@@ -154,18 +165,18 @@ def warm_up(gpt, rows, batch):
 
 def main(config):
     c = checked(config, check_settings(config))
-    text = Path(c.prompt[5:]).read_text(errors="replace") if c.prompt.startswith("FILE:") else c.prompt
+    text = read_prompt(c.prompt)
     dev = pick_device(c.device)
     torch.manual_seed(c.seed)
     try:
         gpt, info = load_model(c.model, device=dev, dtype=weights_dtype(c.dtype, torch.device(dev).type))
-    except (DownloadError, ValueError, FileNotFoundError) as e:
+        enc = tokenizer()
+    except (DownloadError, ValueError, OSError) as e:
         fail(str(e))
     ready_for_generation(gpt, c.quantize, c.compile)
     template = template_of(c.template, info["template"])
     if c.input and template is None:
         warn("input= is only used with a prompt template; this model has none (see template=)")
-    enc = tokenizer()
     stops = [c.stop] if isinstance(c.stop, str) else list(c.stop or [])
     generator = torch.Generator(dev).manual_seed(c.seed)
     sampling = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)

@@ -9,6 +9,8 @@ import http.server
 import io
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,16 +39,13 @@ from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
 from prepare import prepare
 from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
-from training import lora_settings, make_optimizer, save_atomic, trainable_line
+from training import RunLog, lora_settings, make_optimizer, read_log, save_atomic, trainable_line
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EOT = 50256
-SHARED_DATA = os.environ.get("NANOFT_SHARED_DATA")
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA, reason="NANOFT_SHARED_DATA is not set: it names the "
-                                       "folder of real datasets (../shared/data in CI, set by .ci/run)")
 transformers.logging.set_verbosity_error()
 
 
@@ -264,6 +263,45 @@ def test_mismatched_weights_are_named(tiny, tmp_path):
         load("gpt3")
 
 
+@pytest.mark.parametrize("config, why", [
+    ({"n_layer": 2, "n_head": 0, "n_embd": 64}, "n_head=0 is not a size a GPT-2 can have"),
+    ({"n_layer": 2, "n_head": 3, "n_embd": 64}, "n_embd=64 is not divisible by n_head=3"),
+    ({"n_layer": "2", "n_head": 4, "n_embd": 64}, "n_layer='2' is not a size"),
+    ({"n_layer": 2, "n_embd": 64}, "has no n_head"),
+    ([1, 2, 3], "holds a JSON list"),
+    ({"model_type": "llama", "n_layer": 2, "n_head": 4, "n_embd": 64}, "describes a 'llama' model"),
+    ({"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 100}, "vocab_size=100 is smaller than GPT-2's tokenizer"),
+])
+def test_hostile_config_json_is_a_one_line_error(tiny, tmp_path, config, why):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((tiny[1] / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=re.escape(why)) as e:
+        load(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_files_that_are_no_checkpoint_are_one_line_errors(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a torch.save archive: File is not a zip file"):
+        load(tmp_path / "empty.pt")
+
+    class Payload:  # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"model": {}, "model_config": {}, "x": Payload()}, tmp_path / "pickle.pt")
+    with pytest.raises(ValueError, match="torch says: .*arbitrary code execution") as e:
+        load(tmp_path / "pickle.pt")
+    assert "\n" not in str(e.value)
+    gpt = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    torch.save({"model": gpt.state_dict(), "model_config": {**vars(gpt.config), "n_layer": "x"}}, tmp_path / "cfg.pt")
+    with pytest.raises(ValueError, match="n_layer='x' is not a size"):
+        load(tmp_path / "cfg.pt")
+    torch.save({"model": gpt.state_dict(), "model_config": vars(gpt.config), "template": {"prompt": "{instruction}"}},
+               tmp_path / "tpl.pt")
+    with pytest.raises(ValueError, match="its prompt template is not usable"):
+        load_gpt2.load_model(tmp_path / "tpl.pt")
+
+
 def test_init_and_optimizer_groups():
     config = GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=100, block_size=16)
     torch.manual_seed(0)
@@ -294,6 +332,8 @@ def safetensors_bytes(header, data=b""):
     (safetensors_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}}, bytes(8)), "outside"),
     (safetensors_bytes({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)), "bytes for shape"),
     (safetensors_bytes({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, bytes(8)), "shape"),
+    (safetensors_bytes({"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "has dtype \\['F32'\\]"),
+    (safetensors_bytes(b"[" * 100_000 + b"]" * 100_000), "not JSON"),
 ])
 def test_malformed_safetensors_are_rejected(tmp_path, content, why):
     path = tmp_path / "bad.safetensors"
@@ -358,7 +398,10 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.send_error(503, "Service Unavailable")
         start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0]) if "Range" in self.headers else 0
         if start >= len(data) and start:
-            return self.send_error(416, "Range Not Satisfiable")
+            self.send_response(416, "Range Not Satisfiable")
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -469,6 +512,107 @@ def test_real_gpt2_greedy_matches_transformers_integration_test():
     out = model.generate(torch.tensor([[464, 3290]]), 18, temperature=0)
     assert out[0].tolist() == [464, 3290, 373, 1043, 287, 257, 2214, 1474, 262, 16246, 286, 2688, 290,
                                2688, 27262, 13, 198, 198, 464, 3290]
+
+
+# ----------------------------------------------------------------------------- downloads that can't hang, poison the cache or lie
+
+class SlowHandler(http.server.BaseHTTPRequestHandler):
+    """Announces 1,000 bytes, then sends one byte every 0.2 s."""
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(0.2)
+        except OSError:  # the client gave up
+            pass
+
+
+@pytest.fixture()
+def trickle(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.json"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_trickling_download_gives_up_by_the_stall_rule_and_the_deadline(trickle, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "STALL_WINDOW", 1)
+    monkeypatch.setattr(download, "RETRIES", 1)
+    monkeypatch.setenv("NANOFT_DOWNLOAD_MIN_RATE", "100")  # bytes/s; the trickle gives 5
+    with pytest.raises(DownloadError, match=r"fewer than 100 bytes/s for 1 s \(NANOFT_DOWNLOAD_MIN_RATE\)"):
+        download.download(trickle, tmp_path / "a" / "slow.json")
+    monkeypatch.setenv("NANOFT_DOWNLOAD_MIN_RATE", "0")
+    monkeypatch.setenv("NANOFT_DOWNLOAD_DEADLINE", "1")
+    with pytest.raises(DownloadError, match=r"ran past its deadline of 1 s \(NANOFT_DOWNLOAD_DEADLINE\)"):
+        download.download(trickle, tmp_path / "b" / "slow.json")
+    for folder in ("a", "b"):  # what came is kept to be resumed, but never as the file itself
+        assert [p.name for p in (tmp_path / folder).iterdir()] == ["slow.json.part"]
+
+
+def test_what_is_not_the_asked_for_file_is_never_cached(hub, tiny, tmp_path):
+    config = "/openai-community/gpt2/resolve/main/config.json"
+    cache = tmp_path / "cache"
+    for body, why in ((b"<!DOCTYPE html><html><body>Rate limited</body></html>", "HTML page"),
+                      (b'{"model_type": "gpt2", "n_layer": 2}', "has no n_head, n_embd"),
+                      (b'{"n_layer": 2, "n_head": 3, "n_embd": 64}', "not divisible by n_head=3"),
+                      (b"[" * 100_000 + b"]" * 100_000, "RecursionError")):
+        hub.files[config] = body
+        with pytest.raises(DownloadError, match=why):
+            load("gpt2")
+        assert not cache.exists()  # nothing cached, not even an empty folder
+    hub.files[config] = (tiny[1] / "config.json").read_bytes()
+    hub.files["/openai-community/gpt2/resolve/main/model.safetensors"] = safetensors_bytes(b'{"w": {"dtype": ["F32"]}}')
+    with pytest.raises(DownloadError, match="tensor 'w' has dtype"):
+        load("gpt2")
+    assert sorted(p.name for p in (cache / "gpt2").iterdir()) == ["config.json"]  # the good file is kept
+
+
+def test_a_bad_file_in_the_cache_is_named_with_what_to_do(hub):
+    load("gpt2")
+    cached = load_gpt2.cache_dir() / "gpt2" / "config.json"
+    cached.write_text('{"n_layer": 2, "n_head": 0, "n_embd": 64}')
+    with pytest.raises(ValueError, match=rf"n_head=0 is not a size.*delete {cached.parent} to download it again"):
+        load("gpt2")
+
+
+def test_a_part_file_longer_than_the_remote_file_starts_over(hub, tiny):
+    folder = load_gpt2.cache_dir() / "gpt2"
+    folder.mkdir(parents=True)
+    real = (tiny[1] / "config.json").read_bytes()
+    (folder / "config.json.part").write_bytes(real + b"left over from another file")
+    load("gpt2")  # answered 416: the .part is not taken as complete
+    assert (folder / "config.json").read_bytes() == real
+    assert [r for n, r in hub.requests if n.endswith("config.json")] == [f"bytes={len(real) + 27}-", None]
+
+
+def test_failed_weight_downloads_name_every_way_on(hub, monkeypatch):
+    del hub.files["/openai-community/gpt2/resolve/main/config.json"]
+    with pytest.raises(DownloadError) as e:
+        load("gpt2")
+    assert all(s in str(e.value) for s in ("HF_ENDPOINT", "--model=<folder>")) and "bytes already fetched" not in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError) as e:
+        load("gpt2")
+    assert all(s in str(e.value) for s in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "--model=<folder>"))
+    assert not load_gpt2.cache_dir().exists()
+
+
+def test_a_missing_tokenizer_offline_is_one_line_naming_tiktoken_cache_dir(tiny, tmp_path):
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}  # no files, and no network to fetch them
+    result = subprocess.run([sys.executable, "sample.py", f"--model={tiny[1]}", "--prompt=Hi"], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "TIKTOKEN_CACHE_DIR" in result.stderr and "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- configurator
@@ -640,6 +784,41 @@ def write_json(path, records):
     return path
 
 
+def write_instructions(path, n=200, seed=0):
+    """n Alpaca-format records of four kinds (with and without an input), of varied lengths: small data a tiny
+    model can learn from, written by the test so that training tests run anywhere."""
+    rng = np.random.default_rng(seed)
+    words = ["apple", "river", "stone", "cloud", "lamp", "tiger", "bread", "music", "green", "paper"]
+    records = []
+    for i in range(n):
+        a, b, k = (int(x) for x in rng.integers(1, 99, 3))
+        items = [str(w) for w in rng.choice(words, size=int(rng.integers(2, 7)))]
+        records.append([
+            {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"{a} plus {b} is {a + b}."},
+            {"instruction": f"Repeat the word '{items[0]}' {k % 9 + 1} times.", "input": "",
+             "output": " ".join([items[0]] * (k % 9 + 1))},
+            {"instruction": "Reverse the list.", "input": ", ".join(items), "output": ", ".join(items[::-1])},
+            {"instruction": f"Name something {items[1]}-like.", "input": "", "output": f"A {items[1]} is like a {items[-1]}."},
+        ][i % 4])
+    return write_json(path, records)
+
+
+def write_messages(path, n=300, seed=0):
+    """A label,text CSV of n messages, spam and ham, written by the test (the SMS corpus's shape, not its text)."""
+    rng = np.random.default_rng(seed)
+    spam = ["WINNER!! You have won a {} prize, call {} now", "URGENT: claim your free {} today, text {} to 8{}",
+            "Free entry in a weekly {} draw, reply {} to win"]
+    ham = ["Are we still on for {} at {}?", "Sorry, I'll call you later about the {}", "Can you pick up {} on the way {}"]
+    fill = ["lunch", "the game", "bread", "mum", "tonight", "the car", "1000", "cash", "home"]
+    rows = []
+    for i in range(n):
+        label, forms = ("spam", spam) if i % 2 else ("ham", ham)
+        text = forms[int(rng.integers(len(forms)))].format(*rng.choice(fill, size=3))
+        rows.append(f'{label},"{text}"')
+    path.write_text("label,text\n" + "\n".join(rows) + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------- the prompt template
 
 def test_format_prompt_is_the_ch07_alpaca_template():
@@ -669,7 +848,7 @@ def test_instruction_data_is_split_935_55_110(instruction_data, shared):
     assert meta["sha256"] == pp.sha256_of(shared / "instruction-data.json")
     assert meta["template"] == ALPACA_TEMPLATE
     assert set(meta["tokens"]) >= {"max", "mean", "p95"} and meta["tokens"]["max"] <= 1024
-    assert (folder / "instruction-data.json").read_bytes() == (shared / "instruction-data.json").read_bytes()
+    assert (folder / "download" / "instruction-data.json").read_bytes() == (shared / "instruction-data.json").read_bytes()
 
 
 def test_every_record_lands_in_exactly_one_split(instruction_data, shared):
@@ -735,7 +914,8 @@ def test_truncated_dataset_download_is_resumed_and_verified(spam, server, shared
     first, second = asked_for(server, "sms+spam+collection.zip")  # the first answer broke off halfway
     size = (shared / "sms_spam_collection.zip").stat().st_size
     assert first is None and 0 < int(second.removeprefix("bytes=").rstrip("-")) <= size // 2  # resumed
-    assert (spam / "sms+spam+collection.zip").read_bytes() == (shared / "sms_spam_collection.zip").read_bytes()
+    kept = spam / "download" / "sms-spam-collection.zip"  # the URL's file name, made a safe one
+    assert kept.read_bytes() == (shared / "sms_spam_collection.zip").read_bytes()
     assert meta_of(spam)["sha256"] == pp.KNOWN_SHA256[pp.spam_url]  # the real UCI file
 
 
@@ -876,7 +1056,7 @@ def test_malformed_jsonl_lines_are_skipped_and_counted(tmp_path, server):
     url = server(tmp_path / "mine.jsonl", name="own/mine.jsonl")
     folder = prepare(url, tmp_path / "data")  # a URL of your own: NAME is the file's stem
     meta = meta_of(folder)
-    assert folder == tmp_path / "data" / "mine" and (folder / "mine.jsonl").exists() and meta["source"] == url
+    assert folder == tmp_path / "data" / "mine" and (folder / "download" / "mine.jsonl").exists() and meta["source"] == url
     assert meta["counts"]["read"] == 4 and meta["counts"]["examples"] == 2
     assert meta["skipped"] == {"not JSON": 2}
     assert sum(len(load_records(folder, s)) for s in ("train", "val", "test")) == 2  # val gets the one left
@@ -949,10 +1129,74 @@ def test_text_file_is_one_token_stream_split_90_10(tmp_path, enc):
     assert len(train) == int(0.9 * len(train + val)) and meta["splits"] == {"train": len(train), "val": len(val)}
 
 
+# ----------------------------------------------------------------------------- nothing outside its folder, nothing stale
+
+def test_a_dataset_named_by_dots_or_odd_characters_stays_inside_data_dir(tmp_path):
+    (tmp_path / "meta.json").write_text("the user's own file")
+    (tmp_path / "in").mkdir()
+    write_instructions(tmp_path / "in" / "...json", n=20)
+    write_instructions(tmp_path / "in" / "my data (v2)!.json", n=20)
+    data = tmp_path / "in" / "data"
+    assert prepare(str(tmp_path / "in" / "...json"), data) == data / "dataset"  # the stem '..' is no folder name
+    assert prepare(str(tmp_path / "in" / "my data (v2)!.json"), data) == data / "my-data-v2"
+    assert (tmp_path / "meta.json").read_text() == "the user's own file"
+    assert sorted(p.name for p in data.iterdir()) == ["dataset", "my-data-v2"]
+
+
+def test_a_downloaded_file_named_like_an_output_never_replaces_it(server, tmp_path):
+    url = server(write_instructions(tmp_path / "meta.json", n=20), name="odd/meta.json")  # a URL's file named meta.json
+    folder = prepare(url, tmp_path / "data")
+    assert folder.name == "meta" and meta_of(folder)["kind"] == "instruction"  # the prepared meta.json is intact
+    assert (folder / "download" / "meta.json").read_bytes() == (tmp_path / "meta.json").read_bytes()
+
+
+def test_a_dataset_file_that_changed_is_prepared_again(tmp_path, capsys):
+    path = write_instructions(tmp_path / "mine.json", n=30)
+    assert meta_of(prepare(str(path), tmp_path / "data"))["counts"]["examples"] == 30
+    write_instructions(path, n=60, seed=1)
+    assert meta_of(prepare(str(path), tmp_path / "data"))["counts"]["examples"] == 60
+    assert "an earlier version of mine.json (its contents changed since): preparing it again" in capsys.readouterr().out
+    os.utime(path, ns=(0, 0))  # touched, not changed: nothing to do
+    prepare(str(path), tmp_path / "data")
+    assert "preparing it again" not in capsys.readouterr().out
+    assert meta_of(prepare(str(path), tmp_path / "data", seed=7))["seed"] == 7  # other settings: prepared again
+
+
+def test_a_zip_bomb_is_refused_before_it_inflates(tmp_path):
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:  # 15 MB of SMS lines in ~30 KB
+        z.writestr("SMSSpamCollection", b"ham\tok see you\n" * 1_000_000)
+    result = subprocess.run([sys.executable, "prepare.py", "--dataset=spam", f"--spam_url={tmp_path / 'bomb.zip'}",
+                             f"--data_dir={tmp_path / 'data'}"], cwd=HERE, capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: __import__("resource").setrlimit(  # 1 GB of address space at most
+                                __import__("resource").RLIMIT_AS, (1 << 30, 1 << 30)))
+    assert "compressed more than 100:1" in result.stdout and result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_too_many_records_are_refused_while_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "MAX_RECORDS", 50)
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(json.dumps(GOOD) for _ in range(51)))
+    with pytest.raises(ValueError, match="has more than 50 records: split it"):
+        prepare(str(path), tmp_path / "data")
+    (tmp_path / "table.csv").write_text("label,text\n" + "a,b\n" * 51)
+    with pytest.raises(ValueError, match="has more than 50 records"):
+        prepare(str(tmp_path / "table.csv"), tmp_path / "data")
+
+
+def test_deeply_nested_json_is_a_clear_error_or_a_skipped_line(tmp_path, capsys):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="is not valid JSON \\(RecursionError"):
+        prepare(str(tmp_path / "deep.json"), tmp_path / "data")
+    (tmp_path / "deep.jsonl").write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    meta = meta_of(prepare(str(tmp_path / "deep.jsonl"), tmp_path / "data"))
+    assert meta["skipped"] == {"not JSON": 1} and meta["counts"]["examples"] == 1
+
+
 # ----------------------------------------------------------------------------- never half a dataset
 
-def test_interrupted_prepare_leaves_no_half_dataset(shared, server, tmp_path, monkeypatch):
-    url = server(shared / "instruction-data.json", name="interrupted/instruction-data.json")
+def test_interrupted_prepare_leaves_no_half_dataset(server, tmp_path, monkeypatch):
+    url = server(write_instructions(tmp_path / "instruction-data.json", n=100), name="interrupted/instruction-data.json")
     write_split, calls = pp.write_split, []
 
     def crash_on_second_split(*args):
@@ -964,22 +1208,24 @@ def test_interrupted_prepare_leaves_no_half_dataset(shared, server, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         prepare("instruction-data", tmp_path, urls={"instruction-data": url})
     folder = tmp_path / "instruction-data"
-    assert sorted(p.name for p in folder.iterdir()) == ["instruction-data.json"]  # the raw download only
+    assert sorted(p.name for p in folder.iterdir()) == ["download"]  # the raw download only
+    assert sorted(p.name for p in (folder / "download").iterdir()) == ["instruction-data.json"]
     monkeypatch.setattr(pp, "write_split", write_split)
     prepare("instruction-data", tmp_path, urls={"instruction-data": url})
-    assert meta_of(folder)["splits"] == {"train": 935, "val": 55, "test": 110}
+    assert meta_of(folder)["splits"] == {"train": 85, "val": 5, "test": 10}
     assert len(asked_for(server, "interrupted/instruction-data.json")) == 1  # downloaded once
 
 
 # ----------------------------------------------------------------------------- the command line
 
-def test_command_line_prepares_and_reports_errors_for_people(shared, tmp_path):
+def test_command_line_prepares_and_reports_errors_for_people(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "prepare.py", *args, f"--data_dir={tmp_path}"], cwd=HERE,
                               capture_output=True, text=True, timeout=120)
-    ok = run("--dataset=instruction-data", f"--instruction_data_url={shared / 'instruction-data.json'}")
+    data = write_instructions(tmp_path / "instructions.json", n=100)
+    ok = run("--dataset=instruction-data", f"--instruction_data_url={data}")
     assert ok.returncode == 0, ok.stderr
-    assert "train 935, val 55, test 110" in ok.stdout and "examples/s" in ok.stdout
+    assert "train 85, val 5, test 10" in ok.stdout and "examples/s" in ok.stdout
     bad = run(f"--dataset={tmp_path / 'missing.json'}")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "missing.json does not exist" in bad.stderr
 
@@ -1013,7 +1259,7 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
     save_atomic({"iter_num": 1}, path)
 
     def crash(obj, f):
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
@@ -1024,31 +1270,32 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def finetune_run(tmp_path_factory):
-    """A folder with a tiny GPT-2 (vocab 50257, context 256) and an Alpaca-format file of the real
-    instruction data, and a function that runs finetune.py there."""
-    if not SHARED_DATA:
-        pytest.skip("NANOFT_SHARED_DATA is not set: these tests train on the real instruction-data.json")
+    """A folder with a tiny GPT-2 (vocab 50257, context 256) and an Alpaca-format file the test wrote, and a
+    function that runs finetune.py there."""
     root = tmp_path_factory.mktemp("finetune")
     reference_model(n_positions=256).save_pretrained(root / "tiny")
-    (root / "instructions.json").write_bytes((Path(SHARED_DATA) / "instruction-data.json").read_bytes())
+    write_instructions(root / "instructions.json")
+
+    def cmd(*args, launcher=(sys.executable,)):
+        return [*launcher, str(HERE / "finetune.py"), f"--model={root / 'tiny'}", f"--dataset={root / 'instructions.json'}",
+                "--test_responses=False", "--eval_prompts=1", "--max_new_tokens=8", "--log_interval=1",
+                "--eval_iters=2", *args]
 
     def run(*args, launcher=(sys.executable,), check=True, **kwargs):
-        cmd = [*launcher, str(HERE / "finetune.py"), f"--model={root / 'tiny'}", f"--dataset={root / 'instructions.json'}",
-               "--test_responses=False", "--eval_prompts=1", "--max_new_tokens=8", "--log_interval=1",
-               "--eval_iters=2", *args]
-        result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, **kwargs)
+        result = subprocess.run(cmd(*args, launcher=launcher), cwd=root, capture_output=True, text=True, timeout=300,
+                                **kwargs)
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
         return result
-    run.root = root
+    run.root, run.cmd = root, cmd
     return run
 
 
 def logged(path, key="loss"):
-    return {r["iter"]: r[key] for r in map(json.loads, Path(path).read_text().splitlines()) if key in r}
+    return {r["iter"]: r[key] for r in read_log(path) if key in r}
 
 
-def test_finetune_loss_decreases_on_real_instructions(finetune_run):
+def test_finetune_loss_decreases_on_instructions(finetune_run):
     finetune_run("--max_iters=40", "--eval_interval=40", "--lr=2e-3", "--out_dir=out/learn", "--test_responses=True",
                  "--max_new_tokens=4")
     out = finetune_run.root / "out" / "learn"
@@ -1056,7 +1303,7 @@ def test_finetune_loss_decreases_on_real_instructions(finetune_run):
     assert np.mean([losses[i] for i in range(36, 41)]) < np.mean([losses[i] for i in range(1, 6)]) - 1.0
     assert logged(out / "log.jsonl", "val_loss")[40] < losses[1]
     responses = json.loads((out / "test_responses.json").read_text())
-    assert len(responses) == 110 and set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    assert len(responses) == 20 and set(responses[0]) == {"instruction", "input", "output", "model_response"}
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 40 and "### Response:" in ckpt["template"]["prompt"]
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
@@ -1066,17 +1313,18 @@ def test_finetune_loss_decreases_on_real_instructions(finetune_run):
 def test_finetune_sigint_saves_and_resume_continues_exactly(finetune_run):
     common = ["--max_iters=8", "--eval_interval=4", "--dtype=float32", "--dropout=0.1", "--lr=1e-3"]
     finetune_run(*common, "--out_dir=out/straight")
-    status, rest = interrupted_at("iter 2/8", [
-        sys.executable, str(HERE / "finetune.py"), f"--model={finetune_run.root / 'tiny'}",
-        f"--dataset={finetune_run.root / 'instructions.json'}", "--test_responses=False", "--eval_prompts=0",
-        "--log_interval=1", "--eval_iters=2", *common, "--out_dir=out/stopped"], finetune_run.root)
+    status, rest = interrupted_at("iter 2/8", finetune_run.cmd(*common, "--eval_prompts=0", "--out_dir=out/stopped"),
+                                  finetune_run.root)
     assert status == 130 and "continue with --resume=True" in rest
     stopped_at = torch.load(finetune_run.root / "out/stopped/ckpt.pt", weights_only=True)["iter_num"]
     assert 2 <= stopped_at < 8
-    finetune_run(*common, "--out_dir=out/stopped", "--resume=True")
+    alone = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--resume=True", "--out_dir=out/stopped"],
+                           cwd=finetune_run.root, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr  # everything else (model, data, lr, max_iters) from the checkpoint
     straight = logged(finetune_run.root / "out/straight/log.jsonl")
     resumed = logged(finetune_run.root / "out/stopped/log.jsonl")
     assert list(resumed) == list(range(1, 9)) and resumed == straight  # bit for bit on CPU fp32
+    assert logged(finetune_run.root / "out/stopped/log.jsonl", "lr") == logged(finetune_run.root / "out/straight/log.jsonl", "lr")
 
 
 def test_ddp_on_two_processes_equals_one_process(finetune_run):
@@ -1108,11 +1356,143 @@ def test_finetune_nan_loss_stops_with_a_message(finetune_run):
     (["--lora_rank=4", "--lora_targets=q,attn.c_attn"], "choose one"),
     (["--lora_rank=4", "--lora_targets=query"], "unknown LoRA target(s) query"),
     (["--lora_rank=4", "--lora_alpha=0"], "lora_alpha=0.0 must be positive"),
+    (["--device=tpu"], "device='tpu' is not one this project runs on"),
+    pytest.param(["--device=cuda"], "device='cuda' but torch finds no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["--seed=-1"], "seed=-1 must be a whole number from 0"),
+    (["--beta1=1.0"], "beta1=1.0 must be in [0, 1)"),
+    (["--resume=True", "--overwrite=True"], "resume=True and overwrite=True contradict each other"),
 ])
 def test_finetune_rejects_bad_settings_in_one_line(finetune_run, args, message):
     result = finetune_run(*args, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+# ----------------------------------------------------------------------------- a run never loses an earlier one
+
+def test_a_second_run_never_replaces_the_first_without_being_asked(finetune_run):
+    out = finetune_run.root / "out" / "keep"
+    finetune_run("--max_iters=2", "--eval_interval=2", "--out_dir=out/keep", "--test_responses=True")
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "best.pt", "log.jsonl", "test_responses.json")}
+    again = finetune_run("--max_iters=2", "--eval_interval=2", "--out_dir=out/keep", check=False)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert "ckpt.pt" in again.stderr and "--resume=True" in again.stderr and "--overwrite=True" in again.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before
+    finetune_run("--max_iters=1", "--eval_interval=1", "--out_dir=out/keep", "--overwrite=True")
+    assert not (out / "test_responses.json").exists()  # nothing of the old run is left beside the new one
+    assert list(logged(out / "log.jsonl")) == [1] and not (out / "run.lock").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+
+
+def test_a_resumed_run_may_extend_but_not_contradict_its_settings(finetune_run):
+    finetune_run("--max_iters=2", "--eval_interval=2", "--out_dir=out/extend")
+    resume = ("--resume=True", "--out_dir=out/extend")
+    longer = finetune_run(*resume, "--max_iters=4", "--eval_interval=4")
+    assert "with max_iters 2 -> 4; eval_interval 2 -> 4" in longer.stdout
+    assert list(logged(finetune_run.root / "out/extend/log.jsonl")) == [1, 2, 3, 4]
+    for given, refused in (("--batch_size=2", "batch_size=2 (it was 8)"), ("--lora_rank=4", "lora_rank=4 (it was 0)"),
+                           (f"--dataset={write_instructions(finetune_run.root / 'other.json', n=30)}", "dataset=")):
+        result = finetune_run(*resume, given, "--max_iters=6", check=False)
+        assert result.returncode == 2 and f"cannot go on with {refused}" in result.stderr, result.stderr
+
+
+def test_a_second_run_at_once_into_one_out_dir_is_refused(finetune_run):
+    out = finetune_run.root / "out" / "locked"
+    out.mkdir(parents=True)
+    (out / "run.lock").write_text(str(os.getpid()))  # a live process holds it
+    busy = finetune_run("--max_iters=1", "--out_dir=out/locked", check=False)
+    assert busy.returncode == 2 and f"another run (process {os.getpid()}) is writing to" in busy.stderr
+    (out / "run.lock").write_text("999999999")  # left by a run that was killed
+    finetune_run("--max_iters=1", "--eval_interval=1", "--out_dir=out/locked")
+    assert not (out / "run.lock").exists() and (out / "ckpt.pt").exists()
+
+
+def test_the_log_is_only_ever_appended_to_and_a_torn_line_is_skipped(tmp_path, capsys):
+    log = RunLog(tmp_path)
+    for it in (1, 2, 3):
+        log.write({"iter": it, "loss": 10.0 - it})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"iter": 4, "lo')  # a crash mid-line
+    written = (tmp_path / "log.jsonl").read_bytes()
+    resumed = RunLog(tmp_path, start_iter=2, resumed=True)  # the checkpoint was at iteration 2
+    assert "line 4 of" in capsys.readouterr().out and [r["iter"] for r in resumed.records] == [1, 2]
+    resumed.write({"iter": 3, "loss": 6.5})
+    assert (tmp_path / "log.jsonl").read_bytes().startswith(written)  # never rewritten
+    assert [(r["iter"], r["loss"]) for r in read_log(tmp_path / "log.jsonl")] == [(1, 9.0), (2, 8.0), (3, 6.5)]
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(finetune_run):
+    import resource
+    out = finetune_run.root / "out" / "full"
+    finetune_run("--max_iters=2", "--eval_interval=2", "--out_dir=out/full")
+    saved, best = (out / "ckpt.pt").read_bytes(), (out / "best.pt").read_bytes()
+
+    def small_disk():  # files may grow to half a checkpoint: as a full disk does, writes fail with an OSError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(saved) // 2, len(saved) // 2))
+    full = finetune_run("--resume=True", "--out_dir=out/full", "--max_iters=4", "--eval_interval=4", check=False,
+                        preexec_fn=small_disk)
+    assert full.returncode == 1 and full.stderr.count("\n") == 1 and "Traceback" not in full.stderr, full.stderr
+    assert re.search(r"could not write out/full/(ckpt|best).pt \(File too large\): it needs about \d+ MB", full.stderr)
+    assert (out / "ckpt.pt").read_bytes() == saved and (out / "best.pt").read_bytes() == best
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_save_into_a_folder_that_refuses_writes_says_so(tmp_path, monkeypatch):
+    save_atomic({"iter_num": 1}, tmp_path / "ckpt.pt")
+
+    def refuse(obj, f):
+        f.write(b"half")
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(torch, "save", refuse)
+    with pytest.raises(OSError, match=r"could not write .*ckpt.pt \(Permission denied\): it needs about 0 MB"):
+        save_atomic({"iter_num": 2, "w": torch.zeros(10)}, tmp_path / "ckpt.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_damaged_checkpoint_is_refused_before_it_is_used(finetune_run, tiny):
+    out = finetune_run.root / "out" / "damaged"
+    finetune_run("--max_iters=1", "--eval_interval=1", "--out_dir=out/damaged")
+    data = bytearray((out / "ckpt.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10  # one flipped bit inside the weights or the optimizer state
+    (out / "ckpt.pt").write_bytes(data)
+    resumed = finetune_run("--resume=True", "--out_dir=out/damaged", "--max_iters=2", check=False)
+    assert resumed.returncode == 2 and "is damaged: its record" in resumed.stderr, resumed.stderr
+    with pytest.raises(ValueError, match="is damaged"):
+        load(out / "ckpt.pt")
+    generated = sample(f"--model={out / 'ckpt.pt'}")
+    assert generated.returncode == 2 and "is damaged" in generated.stderr and "Traceback" not in generated.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("scaler"), "cannot be resumed: its scaler is missing"),
+    (lambda c: c.update(optimizer="adam"), "cannot be resumed: its optimizer is missing or not"),
+    (lambda c: c.update(rng={"torch": torch.zeros(3, dtype=torch.uint8), "cuda": []}), "RNG state does not fit"),
+    (lambda c: c["model_config"].update(n_head=5), "n_embd=64 is not divisible by n_head=5"),
+])
+def test_hostile_checkpoint_contents_are_one_line_on_resume(finetune_run, change, message):
+    out = finetune_run.root / "out" / "hostile"
+    if not (out / "good.pt").exists():
+        finetune_run("--max_iters=1", "--eval_interval=1", "--out_dir=out/hostile")
+        (out / "ckpt.pt").rename(out / "good.pt")
+    ckpt = torch.load(out / "good.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, out / "ckpt.pt")
+    result = finetune_run("--resume=True", "--out_dir=out/hostile", "--max_iters=2", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_examples_longer_than_the_models_context_are_refused_before_training(finetune_run):
+    reference_model(n_positions=32).save_pretrained(finetune_run.root / "tiny32")
+    result = finetune_run(f"--model={finetune_run.root / 'tiny32'}", "--out_dir=out/short", check=False)
+    assert result.returncode == 2 and "but the model's context is 32: set --max_length=33" in result.stderr
+    assert not (finetune_run.root / "out" / "short" / "ckpt.pt").exists()
+
+
+def test_world_size_without_torchrun_is_one_line(finetune_run):
+    result = finetune_run("--out_dir=out/ws", check=False, env={**os.environ, "WORLD_SIZE": "2"})
+    assert result.returncode == 2 and "WORLD_SIZE=2 is set but RANK" in result.stderr and "torchrun" in result.stderr
 
 
 # ----------------------------------------------------------------------------- classify.py
@@ -1176,37 +1556,38 @@ def test_trainable_last_on_gpt2_is_the_books_7_1m_of_124m():
 
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory):
-    """A folder with a tiny GPT-2 and the real spam data prepared in data/spam, and a function that runs
-    classify.py there."""
-    if not SHARED_DATA:
-        pytest.skip("NANOFT_SHARED_DATA is not set: these tests train on the real SMS Spam Collection")
+    """A folder with a tiny GPT-2 and a CSV of labelled messages the test wrote, and a function that runs
+    classify.py there on them."""
     root = tmp_path_factory.mktemp("classify")
     reference_model(n_positions=256).save_pretrained(root / "tiny")
-    prepare("spam", root / "data", urls={"spam": str(Path(SHARED_DATA).resolve() / "sms_spam_collection.zip")})
+    write_messages(root / "messages.csv")
+
+    def cmd(*args, launcher=(sys.executable,)):
+        return [*launcher, str(HERE / "classify.py"), f"--model={root / 'tiny'}", "--dtype=float32",
+                f"--dataset={root / 'messages.csv'}", *args]
 
     def run(*args, launcher=(sys.executable,), check=True):
-        cmd = [*launcher, str(HERE / "classify.py"), f"--model={root / 'tiny'}", "--dtype=float32", *args]
-        result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(cmd(*args, launcher=launcher), cwd=root, capture_output=True, text=True, timeout=300)
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
         return result
-    run.root = root
+    run.root, run.cmd, run.data = root, cmd, root / "data" / "messages"
     return run
 
 
 @pytest.fixture(scope="module")
 def fitted(classify_run):
-    """32 real training messages learned by the whole tiny model: (out folder, stdout)."""
+    """32 training messages learned by the whole tiny model: (out folder, stdout)."""
     result = classify_run("--train_subset=32", "--trainable=all", "--lr=1e-3", "--epochs=8", "--out_dir=out/fit")
     return classify_run.root / "out" / "fit", result.stdout
 
 
 def epoch_log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return read_log(out / "log.jsonl")
 
 
-def test_pooling_positions_on_a_real_spam_batch(classify_run):
-    split = LabelledSplit(classify_run.root / "data" / "spam", "train")
+def test_pooling_positions_on_a_batch_of_messages(fitted, classify_run):
+    split = LabelledSplit(classify_run.data, "train")
     examples = [split.example(i) for i in range(8)]
     idx, lengths, labels = split.batch(range(8), max_len=256, device="cpu")
     assert lengths.tolist() == [len(ids) for ids, _ in examples] and idx.size(1) == max(lengths) < 256
@@ -1231,12 +1612,12 @@ def test_small_training_subset_is_learned_to_100_percent(fitted):
 def test_metrics_json_agrees_with_its_confusion_matrices(fitted):
     metrics = json.loads((fitted[0] / "metrics.json").read_text())
     assert metrics["labels"] == ["ham", "spam"]
-    for split, size in (("train", 32), ("val", 149), ("test", 300)):
+    for split, size in (("train", 32), ("val", 30), ("test", 60)):
         confusion = np.array(metrics["confusion"][split])
         assert confusion.shape == (2, 2) and confusion.sum() == size
         assert metrics["accuracy"][split] == pytest.approx(np.trace(confusion) / size)
     test = np.array(metrics["confusion"]["test"])  # rows = true label, columns = predicted
-    truth = np.bincount(load_split(fitted[0].parents[1] / "data" / "spam", "test")["labels"], minlength=2)
+    truth = np.bincount(load_split(fitted[0].parents[1] / "data" / "messages", "test")["labels"], minlength=2)
     assert test.sum(axis=1).tolist() == truth.tolist()
     for i, label in enumerate(metrics["labels"]):
         m = metrics["per_class"][label]
@@ -1270,7 +1651,7 @@ def test_predict_mode_prints_label_and_probability_per_line(fitted, classify_run
     one = classify_run(f"--model={out / 'ckpt.pt'}", "--text=WINNER!! Claim your prize")
     label, probability, message = one.stdout.rstrip("\n").split("\t")
     assert label in ("ham", "spam") and 0.5 <= float(probability) <= 1 and message == "WINNER!! Claim your prize"
-    train = load_records(root / "data" / "spam", "train")[:32]  # learned to 100%: predicted as labelled
+    train = load_records(classify_run.data, "train")[:32]  # learned to 100%: predicted as labelled
     (root / "messages.txt").write_text("\n".join(r["text"] for r in train[:16]) + "\n\n" +
                                        "\n".join(r["text"] for r in train[16:]) + "\n")
     lines = classify_run(f"--model={out / 'ckpt.pt'}", f"--text=FILE:{root / 'messages.txt'}").stdout.splitlines()
@@ -1298,15 +1679,28 @@ def test_a_checkpoint_that_is_not_a_classifier_is_rejected(classify_run):
     (["--pooling=first"], "pooling='first' must be last_real or last"),
     (["--trainable=7"], "trainable=7 but the model has 2 blocks"),
     (["--resume=True", "--out_dir=out/none"], "no checkpoint at out/none/ckpt.pt"),
+    (["--trainable=²"], "trainable='²' must be head, last, all or a number of last blocks"),
+    (["--text="], "--text is empty: give a message"),
+    (["--out_dir=out/fit"], "already holds an earlier run's ckpt.pt"),
 ])
-def test_bad_settings_are_rejected_in_one_line(classify_run, args, message):
+def test_bad_settings_are_rejected_in_one_line(classify_run, fitted, args, message):
     result = classify_run(*args, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
 
 
+def test_hostile_classifier_checkpoints_and_files_are_one_line(fitted, classify_run):
+    root = classify_run.root
+    ckpt = torch.load(fitted[0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "labels": "ham"}, root / "labels.pt")
+    (root / "latin1.txt").write_bytes("caf\xe9 ouvert\n".encode("latin-1"))
+    for args, message in (([f"--model={root / 'labels.pt'}", "--text=hi"], "has no list of labels"),
+                          ([f"--model={fitted[0] / 'ckpt.pt'}", f"--text=FILE:{root / 'latin1.txt'}"], "is not UTF-8")):
+        result = classify_run(*args, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
 def test_instruction_dataset_is_refused(classify_run):
-    data = classify_run.root / "instructions.json"
-    data.write_bytes((Path(SHARED_DATA) / "instruction-data.json").read_bytes())
+    data = write_instructions(classify_run.root / "instructions.json", n=20)
     result = classify_run(f"--dataset={data}", check=False)
     assert result.returncode == 2 and "is instruction data, not labelled examples" in result.stderr
 
@@ -1322,8 +1716,7 @@ def test_classifier_sigint_saves_and_resume_continues_exactly(classify_run):
     common = ["--train_subset=32", "--epochs=2", "--trainable=all", "--lr=1e-3", "--dropout=0.1", "--log_interval=1"]
     classify_run(*common, "--out_dir=out/straight")
     root = classify_run.root
-    status, rest = interrupted_at("iter 2/8", [sys.executable, str(HERE / "classify.py"), f"--model={root / 'tiny'}",
-                                               "--dtype=float32", *common, "--out_dir=out/stopped"], root)
+    status, rest = interrupted_at("iter 2/8", classify_run.cmd(*common, "--out_dir=out/stopped"), root)
     assert status == 130 and "continue with --resume=True" in rest
     assert 2 <= torch.load(root / "out/stopped/ckpt.pt", weights_only=True)["iter_num"] < 8
     classify_run(*common, "--out_dir=out/stopped", "--resume=True")
@@ -1469,7 +1862,7 @@ def test_finetune_with_lora_trains_adapters_and_resumes_exactly(finetune_run):
     gpt = load(root / "out/lora/ckpt.pt")  # what sample.py and export_hf see: a plain GPT-2
     assert not any(isinstance(m, LoRALinear) for m in gpt.modules())
     other = finetune_run(*common, "--lora_rank=8", "--max_iters=6", "--out_dir=out/lora", "--resume=True", check=False)
-    assert other.returncode == 2 and "resume with the same lora_* settings" in other.stderr
+    assert other.returncode == 2 and "cannot go on with lora_rank=8 (it was 4)" in other.stderr
     (root / "out/lora/ckpt.pt").write_bytes(b"half a checkpoint")  # e.g. copied over by hand, cut short
     broken = finetune_run(*common, "--max_iters=6", "--out_dir=out/lora", "--resume=True", check=False)
     assert broken.returncode == 2 and "Traceback" not in broken.stderr and "could not read" in broken.stderr
@@ -1769,6 +2162,17 @@ def test_bad_values_are_rejected_before_loading(tmp_path):
     assert "top_p=0.0 must be in (0, 1]" in sample("--top_p=0").stderr
     unknown = sample("--model=gpt3")
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: model 'gpt3' is neither a GPT-2 name")
+
+
+def test_a_prompt_file_that_is_not_utf8_and_a_broken_template_are_one_line(tiny, tmp_path):
+    (tmp_path / "prompt.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    result = sample(f"--model={tiny[1]}", f"--prompt=FILE:{tmp_path / 'prompt.txt'}")
+    assert result.returncode == 2 and "is not UTF-8 text" in result.stderr and result.stderr.count("\n") == 1
+    ours = load(tiny[1])
+    torch.save({"model": ours.state_dict(), "model_config": vars(ours.config), "template": {"prompt": "Q: {question}"}},
+               tmp_path / "ckpt.pt")
+    broken = sample(f"--model={tmp_path / 'ckpt.pt'}", "--prompt=Hi")
+    assert broken.returncode == 2 and "its prompt template is not usable" in broken.stderr
 
 
 def test_quantized_int8_runs_from_the_command_line(tiny):
