@@ -24,6 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,7 +33,7 @@ from model import GPT, PRESETS, GPTConfig
 from quantize import ready_for_generation
 
 # -----------------------------------------------------------------------------
-what = "generate"  # which benchmark: generate, train
+what = "generate"  # which benchmark: generate, train, int8, lora, prepare
 models = ("gpt2", "gpt2-medium")  # GPT-2 configs
 prompt_len = 32  # tokens of the random prompt each generation starts from
 new_tokens = (128, 512)  # what=generate: new tokens per run, one row per value
@@ -48,6 +49,7 @@ precisions = ("fp32", "bf16", "int8")  # what=int8: weights as sample.py runs th
 quality_prompts = 4  # what=int8: random prompts, each continued by quality_tokens greedy tokens
 quality_tokens = 256  # what=int8: greedy tokens per prompt
 lora_rank = 16  # what=lora: LoRA on the book's targets (finetune.py's default lora_targets)
+corpus_mb = 1024  # what=prepare: MB of generated text-field .jsonl to prepare into shards
 # -----------------------------------------------------------------------------
 
 
@@ -340,12 +342,76 @@ def bench_lora():
                   f"{train_batch * train_block / step:>6.0f}", flush=True)
 
 
+def write_corpus(folder, megabytes, seed=0):
+    """megabytes of FineWeb-shaped .jsonl files ({"text": ...} records of a few paragraphs of English-like words),
+    100 MB a file."""
+    import json
+    import random
+    rng = random.Random(seed)
+    words = ("the of and to in is was for that on with as by at from his it an were are which be this has also "
+             "not first one new their after its had who two years all time been but or more other city world over "
+             "where when music river country during state most through school government between because history "
+             "people under season university number family system series large known water later made end").split()
+    folder.mkdir(parents=True, exist_ok=True)
+    written, n = 0, 0
+    while written < megabytes * 1e6:
+        with open(folder / f"part_{n:03d}.jsonl", "w") as f:
+            size = 0
+            while size < 100e6 and written + size < megabytes * 1e6:
+                text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(40, 200))).capitalize() + "."
+                                   for _ in range(rng.randint(1, 6)))
+                line = json.dumps({"text": text, "id": f"doc{n}-{size}"}) + "\n"
+                f.write(line)
+                size += len(line)
+        written, n = written + size, n + 1
+    return written
+
+
+def bench_prepare():
+    """Preparing a text corpus larger than memory would like: throughput in MB/s against tiktoken's own speed
+    (one encode_ordinary call on one core, the same text), and the peak memory of the prepare.py process against
+    that of a process that has only loaded the tokenizer."""
+    import subprocess
+    import sys
+    import tiktoken
+    folder = Path(tempfile.mkdtemp(prefix="nanoft-corpus-"))
+    try:
+        size = write_corpus(folder / "corpus", corpus_mb)
+        sample = (folder / "corpus" / "part_000.jsonl").read_text()[:20_000_000]
+        enc = tiktoken.get_encoding("gpt2")
+        start = time.perf_counter()
+        enc.encode_ordinary(sample)
+        single = len(sample.encode()) / (time.perf_counter() - start)
+        peak = "import resource, sys; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+        alone = subprocess.run([sys.executable, "-c", f"import tiktoken; tiktoken.get_encoding('gpt2'); {peak}"],
+                               capture_output=True, text=True)
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = ['prepare.py', "
+                              f"'--dataset={folder / 'corpus'}', '--data_dir={folder / 'data'}']; "
+                              f"runpy.run_path('prepare.py', run_name='__main__'); {peak}"],
+                             capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if run.returncode:
+            raise SystemExit(run.stderr)
+        rss, tok_rss = int(run.stderr.split()[-1]) * 1024, int(alone.stderr.split()[-1]) * 1024
+        print(f"prepare: {size / 1e6:,.0f} MB of text-field .jsonl ({len(list((folder / 'corpus').iterdir()))} "
+              f"files) into shards, {os.cpu_count()} cores, torch threads unused")
+        print(f"  {seconds:.1f} s: {size / 1e6 / seconds:.1f} MB/s, {size / seconds / single:.2f}x tiktoken's single "
+              f"encode_ordinary call ({single / 1e6:.1f} MB/s on 20 MB of the same text)")
+        print(f"  peak memory {rss / 1e6:,.0f} MB; a process with only the tokenizer loaded: {tok_rss / 1e6:,.0f} MB; "
+              f"the difference: {(rss - tok_rss) / 1e6:,.0f} MB")
+        print("\n".join(run.stdout.splitlines()[-4:]))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 if __name__ == "__main__":
     from configurator import configure, fail
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    benchmarks = {"generate": bench_generate, "train": bench_train, "int8": bench_int8, "lora": bench_lora}
+    benchmarks = {"generate": bench_generate, "train": bench_train, "int8": bench_int8, "lora": bench_lora,
+                  "prepare": bench_prepare}
     if what not in benchmarks:
         fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
     benchmarks[what]()

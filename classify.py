@@ -328,7 +328,7 @@ def main(config):
     run = start_run(c.device, c.dtype)
 
     # data
-    folder, meta = prepare_dataset(c.dataset, run, "classification", "labelled examples: classify.py needs spam "
+    folder, meta = prepare_dataset(c.dataset, run, ("classification",), "labelled examples: classify.py needs spam "
                                    "or a .csv/.tsv with label and text columns (finetune.py trains on instruction "
                                    "data)", data_dir=c.data_dir, seed=c.seed, max_length=c.max_length)
     labels = meta["labels"]

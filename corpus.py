@@ -105,10 +105,10 @@ def split_at(pieces_in, val_chars):
         seen += len(text)
 
 
-def record_texts(path, skips):
-    """The "text" of each record of a .jsonl file (a line at a time) or a .json list (read whole, so under
-    MAX_FILE_BYTES)."""
-    if path.suffix.lower() == ".json":
+def record_texts(path, skips, lines=None):
+    """The "text" of each record of a .jsonl file (lines=True: a line at a time) or a .json list (read whole, so
+    under MAX_FILE_BYTES); by default the suffix tells which."""
+    if not (path.suffix.lower() == ".jsonl" if lines is None else lines):
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ValueError(f"{path} is over {MAX_FILE_BYTES:,} bytes: write it as .jsonl, one record a line")
         try:
@@ -200,8 +200,8 @@ def tokenize_corpus(pieces_in, total_chars, folder, shard_tokens=100_000_000, va
                     batch=None, log=print):
     """Tokenize (piece, starts_document) pairs into shards in folder: about the first val_fraction of total_chars
     characters go to val, the rest to train. Goes on after the shards an interrupted call with the same settings
-    and source_id (say, the sources' sizes and times) left in folder. Returns the progress record: the shards with
-    their tokens and sha256."""
+    and source_id (say, the sources' sizes and times) left in folder. Returns the shards (split, file, tokens,
+    sha256) and the documents and characters read."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = Shards(folder, shard_tokens, {"shard_tokens": shard_tokens, "val_fraction": val_fraction,
                                            "source": source_id})
@@ -222,8 +222,9 @@ def tokenize_corpus(pieces_in, total_chars, folder, shard_tokens=100_000_000, va
             done_chars += len(text)
         group.clear()
 
+    documents = 0
     for number, (text, first, split) in enumerate(split_at(pieces_in, val_fraction * total_chars)):
-        seen += len(text)
+        seen, documents = seen + len(text), documents + first
         if number < resume_piece:
             continue  # already in a shard: read past it, do not tokenize it again
         group.append((number, text, first, split))
@@ -233,8 +234,8 @@ def tokenize_corpus(pieces_in, total_chars, folder, shard_tokens=100_000_000, va
             shown = progress(seen, total_chars, done_chars, start, log)
     tokenize_group()
     shards.flush(number + 1, 0)
-    progress(total_chars, total_chars, done_chars, start, log)
-    return shards.progress
+    progress(seen, seen, done_chars, start, log)
+    return {**shards.progress, "documents": documents, "characters": seen}
 
 
 def progress(seen, total, done, start, log):

@@ -127,6 +127,52 @@ class Split:
     def batch(self, indices, mask_prompt, device):
         return collate([self.example(i) for i in indices], mask_prompt, device=device)
 
+    def eval_batches(self, batch_size, max_batches, mask_prompt, rank=0, world=1, device="cpu"):
+        """(inputs, targets) of the split, or of its first max_batches batches (0: all of it), each process
+        taking every world-th batch. Examples are cut into batches in order of length, so little is padding."""
+        order = np.argsort(self.lengths, kind="stable")
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for indices in (batches[:max_batches] if max_batches else batches)[rank::world]:
+            yield self.batch(indices, mask_prompt, device)
+
+
+class TextSplit:
+    """A prepared text split: its uint16 shards, memory-mapped, read as windows of block_size + 1 tokens (the
+    inputs, and the same shifted by one as targets), nanoGPT's way."""
+
+    def __init__(self, folder, name):
+        shards = [s for s in read_meta(folder)["shards"] if s["split"] == name]
+        self.shards = [np.load(Path(folder) / s["file"], mmap_mode="r") for s in shards]
+        self.tokens = sum(len(shard) for shard in self.shards)
+
+    def window(self, shard, start, block_size):
+        return np.asarray(self.shards[shard][start:start + block_size + 1], dtype=np.int64)
+
+    def stack(self, windows, device):
+        batch = torch.from_numpy(np.stack(windows))
+        return batch[:, :-1].to(device), batch[:, 1:].to(device)
+
+    def random_batch(self, batch_size, block_size, seed, device="cpu"):
+        """batch_size windows at random places, drawn with a generator seeded by seed (a list of numbers: the
+        run's seed, the process's rank and the step), so that a resumed run draws exactly the same."""
+        starts = np.array([max(0, len(s) - block_size) for s in self.shards])  # where a window can begin
+        rng = np.random.default_rng(seed)
+        shards = rng.choice(len(self.shards), size=batch_size, p=starts / starts.sum())
+        return self.stack([self.window(k, int(rng.integers(starts[k])), block_size) for k in shards], device)
+
+    def starts(self, block_size):
+        """(shard, start) of the split's fixed windows: one after another, from its beginning."""
+        return [(k, start) for k, shard in enumerate(self.shards) for start in range(0, len(shard) - block_size,
+                                                                                      block_size)]
+
+    def eval_batches(self, batch_size, max_batches, block_size, rank=0, world=1, device="cpu"):
+        """(inputs, targets) of the fixed windows, batch_size at a time (the first max_batches batches; 0: all),
+        each process taking every world-th batch."""
+        starts = self.starts(block_size)
+        batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+        for batch in (batches[:max_batches] if max_batches else batches)[rank::world]:
+            yield self.stack([self.window(k, start, block_size) for k, start in batch], device)
+
 
 # ----------------------------------------------------------------------------- batches
 

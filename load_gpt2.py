@@ -11,25 +11,22 @@ Needs nothing but torch, numpy and requests: safetensors files are read and writ
 """
 
 import json
-import math
 import os
-import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import requests
 import torch
 
 from data import check_template
 from download import DownloadError, download
+from weights import atomic_write, first_line, read_json, read_llmc, read_safetensors, write_safetensors
 from lora import add_lora, merge_lora
 from model import GPT, PRESETS, GPTConfig
 
 HF_REPO = "openai-community/{name}"  # the hub's home of OpenAI's GPT-2 checkpoints
 HF_FILES = ("config.json", "model.safetensors")
-MAX_HEADER = 100_000_000  # a safetensors header larger than this is not a real one
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -68,93 +65,6 @@ def download_gpt2(name):
     return folder
 
 
-# ----------------------------------------------------------------------------- safetensors
-
-DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
-          "BF16": (np.uint16, torch.bfloat16)}  # numpy has no bfloat16: read its bits as uint16
-
-
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file, memory-mapped (no copy until a tensor is converted).
-
-    The header is hostile until checked: its size, its JSON, every dtype, shape and byte range.
-    """
-    path = Path(path)
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file: only {file_size} bytes")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER or n > file_size - 8:
-            raise ValueError(f"{path} is not a valid safetensors file: header size {n} is larger than "
-                             f"{'the file' if n <= MAX_HEADER else 'the 100 MB limit'}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ValueError(f"{path} is not a valid safetensors file: header is not JSON ({first_line(e)})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a valid safetensors file: header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_size = file_size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n, shape=(data_size,)) if data_size else None
-    tensors = {}
-    for name, info in header.items():
-        np_dtype, torch_dtype, shape, (start, end) = _check_entry(path, name, info, data_size)
-        array = data[start:end].view(np_dtype).reshape(shape) if end > start else np.zeros(shape, np_dtype)
-        tensors[name] = torch.from_numpy(array).view(torch_dtype)
-    return tensors
-
-
-def _check_entry(path, name, info, data_size):
-    def bad(why):
-        return ValueError(f"{path} is not a valid safetensors file: tensor '{name}' {why}")
-    if not isinstance(info, dict):
-        raise bad("has no description")
-    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
-        raise bad(f"has dtype {info.get('dtype')!r}; supported: {', '.join(DTYPES)}")
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise bad(f"has shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size):
-        raise bad(f"has data_offsets {offsets!r} outside the {data_size} data bytes")
-    np_dtype, torch_dtype = DTYPES[info["dtype"]]
-    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(np_dtype).itemsize:
-        raise bad(f"has {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
-    return np_dtype, torch_dtype, shape, offsets
-
-
-def write_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as .safetensors (temp file + rename, so a crash leaves no half file)."""
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-    header, offset, blobs = {}, 0, []
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        blob = t.view(torch.uint16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    if metadata:
-        header["__metadata__"] = metadata
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    atomic_write(path, [len(head).to_bytes(8, "little"), head, *blobs])
-
-
-def atomic_write(path, chunks):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- mapping into model.py
 
 def read_hf_config(path):
@@ -163,16 +73,6 @@ def read_hf_config(path):
         return config_from_hf(read_json(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-
-
-def read_json(path, limit=10_000_000):
-    """The JSON in a (small) file; a ValueError for anything that is not, including nesting too deep to parse."""
-    if Path(path).stat().st_size > limit:
-        raise ValueError(f"{path} is over {limit:,} bytes, too large for what it should hold")
-    try:
-        return json.loads(Path(path).read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e.__class__.__name__}: {first_line(e)})") from None
 
 
 def config_from_hf(hf):
@@ -299,8 +199,14 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, mer
         tensors = read_safetensors(path)
         beside = path.with_name("config.json")
         config = read_hf_config(beside) if beside.exists() else config_from_tensors(tensors)
+    elif path.suffix == ".bin":  # llm.c's checkpoint: already in model.py's names and layout
+        values, state = read_llmc(path)
+        return build(check_config(GPTConfig(**values)), check_state(state, GPTConfig(**values)), device, dtype,
+                     dropout), info
     else:
         ckpt = read_checkpoint(path)
+        if "model_args" in ckpt:
+            return nanogpt_model(ckpt, device, dtype, dropout, path), info
         info = {key: ckpt.get(key) for key in info}
         if info["template"] is not None:
             try:
@@ -336,8 +242,10 @@ def read_checkpoint(path):
         code = [s.strip() for s in str(e).split(".") if "arbitrary code" in s]  # torch's own warning, kept
         raise ValueError(f"{path} is not a checkpoint this project can read ({e.__class__.__name__}: "
                          f"{first_line(e)[:200]}){'; torch says: ' + code[0] if code else ''}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a nanoFT checkpoint (expected the keys 'model' and 'model_config')")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not ckpt.keys() & {"model_config",
+                                                                                                   "model_args"}:
+        raise ValueError(f"{path} is not a nanoFT (or nanoGPT) checkpoint (expected the keys 'model' and "
+                         f"'model_config')")
     return ckpt
 
 
@@ -354,10 +262,6 @@ def check_archive(path):
                          f"error?); use another copy, or best.pt, or start a new run")
 
 
-def first_line(e):
-    return (str(e).strip().splitlines() or [""])[0]
-
-
 def model_from_checkpoint(ckpt, device="cpu", dtype=torch.float32, dropout=0.0, merge_lora=True, path="checkpoint"):
     """The GPT of a checkpoint dict (read_checkpoint) that path held, its LoRA adapters merged or kept."""
     if ckpt.get("kind") == "classifier":  # gpt.* and head.* weights: a GPT-2 with no language-model head
@@ -371,6 +275,27 @@ def model_from_checkpoint(ckpt, device="cpu", dtype=torch.float32, dropout=0.0, 
     adapters = {k: state.pop(k) for k in list(state) if ".lora_" in k}
     model = build(config, check_state(drop_tied_head(state), config), device, dtype, dropout)
     return restore_lora(model, ckpt.get("lora"), adapters, merge_lora, path)
+
+
+def nanogpt_model(ckpt, device, dtype, dropout, path):
+    """The GPT of a nanoGPT ckpt.pt: {'model_args': {n_layer, n_head, n_embd, block_size, bias, vocab_size, ...},
+    'model': its state_dict}, whose names carry 'transformer.' (and a compiled model's '_orig_mod.'), whose Linear
+    weights are already (out, in), and whose vocabulary may be padded (50,304): cut back to GPT-2's 50,257, as no
+    token id past them ever comes in."""
+    args = ckpt["model_args"]
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: its model_args {str(args)[:80]} are not nanoGPT's settings")
+    values = {k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias") if k in args}
+    try:
+        config = config_from_dict({**values, "vocab_size": min(values.get("vocab_size", 50257), 50257)})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    state = {}
+    for name, t in ckpt["model"].items():
+        name = name.removeprefix("_orig_mod.").removeprefix("transformer.")
+        if not name.endswith(".attn.bias"):  # nanoGPT's causal mask buffer (without flash attention)
+            state[name] = t[:config.vocab_size] if name in ("wte.weight", "lm_head.weight") else t
+    return build(config, check_state(drop_tied_head(state), config), device, dtype, dropout)
 
 
 def restore_lora(model, lora, adapters, merge, path, head="lm_head"):
@@ -392,6 +317,16 @@ def restore_lora(model, lora, adapters, merge, path, head="lm_head"):
     return merge_lora(model) if merge else model
 
 
+def with_biases(model):
+    """model's state_dict with a zero bias for every Linear (but lm_head) and LayerNorm that has none (a model with
+    bias=False, nanoGPT's option): the same function, in the shape GPT-2's formats require."""
+    state = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is None and name != "lm_head":
+            state[f"{name}.bias"] = torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device)
+    return state
+
+
 def export_hf(model, folder):
     """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
     folder = Path(folder)
@@ -401,7 +336,7 @@ def export_hf(model, folder):
         raise ValueError("export_hf needs a plain GPT-2: merge the LoRA adapters first (merge_lora in lora.py)")
     tied = model.lm_head.weight is model.wte.weight
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in with_biases(model).items():
         if name == "lm_head.weight" and tied:
             continue  # tied to wte, as in OpenAI's files
         tensors[name] = t.t() if name.endswith(CONV1D) else t

@@ -15,6 +15,7 @@ tokens[offsets[i]:offsets[i + 1]]), {split}.prompt_len.npy (int32, instruction s
 why, token statistics, seed, source, sha256, template) is written last: a folder without it is no dataset.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -31,7 +32,8 @@ import requests
 
 from data import ALPACA_TEMPLATE, EOT, encode_batch, format_prompt, read_meta
 from download import DownloadError, download, sha256_of
-from readers import Skips, decode, read_records, read_text
+from corpus import documents, is_text_records, record_texts, text_files, tokenize_corpus
+from readers import Skips, decode, read_records
 
 # -----------------------------------------------------------------------------
 dataset = "alpaca"  # alpaca, instruction-data, medquad, spam, or a path/URL to a .json/.jsonl/.csv/.tsv/.txt
@@ -39,6 +41,8 @@ data_dir = "data"  # datasets are prepared into data_dir/NAME
 seed = 1337  # shuffles the splits (and picks which ham messages spam keeps)
 max_length = 1024  # examples with more tokens than this are dropped, or cut with truncate=True
 truncate = False  # True: cut examples longer than max_length instead of dropping them
+shard_tokens = 100_000_000  # text datasets: tokens per shard file (uint16: 200 MB)
+val_fraction = 0.1  # text datasets: about this share of the text, taken from its start, is the val split
 alpaca_url = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"  # or a mirror
 instruction_data_url = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"  # ch07's file
                         "ch07/01_main-chapter-code/instruction-data.json")
@@ -53,7 +57,6 @@ SUFFIX_KIND = {".json": "instruction", ".jsonl": "instruction", ".csv": "classif
 SPLITS = {  # two splits of int(fraction * n) examples each, then the one that gets the rest
     "instruction": (("train", 0.85), ("test", 0.10), "val"),  # ch07: 935/110/55 of 1,100
     "classification": (("train", 0.70), ("val", 0.10), "test"),  # ch06: 1,045/149/300 of 1,494
-    "text": (("train", 0.90), ("val", 0.10), None),  # nanoGPT's shakespeare: one stream, cut, not shuffled
 }
 KNOWN_SHA256 = {  # only files that never change upstream (a GitHub branch's files and archives may)
     spam_url: "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3",
@@ -70,18 +73,23 @@ def safe_name(text, fallback="dataset"):
 
 
 def resolve(dataset, urls=None):
-    """(name, kind, source) of a built-in dataset or of a path/URL to a file of your own (NAME: its stem, made
-    a safe folder name)."""
+    """(name, kind, source) of a built-in dataset or of a path/URL to a file (or a folder of text files) of your
+    own (NAME: its stem, made a safe folder name). A .json/.jsonl file may turn out to hold text records (kind
+    'text') once it is read: see kind_of."""
     if dataset in BUILTIN:
         defaults = {"alpaca": alpaca_url, "instruction-data": instruction_data_url, "medquad": medquad_url,
                     "spam": spam_url}
         name, kind, source = dataset, BUILTIN[dataset], {**defaults, **(urls or {})}[dataset]
+    elif not is_url(dataset) and Path(dataset).expanduser().is_dir():
+        source = str(Path(dataset).expanduser().resolve())
+        name, kind = safe_name(Path(source).name), "text"
     else:
         source = dataset
         file = PurePosixPath(urlparse(source).path) if is_url(source) else Path(source)
         if file.suffix.lower() not in SUFFIX_KIND:
-            raise ValueError(f"unknown dataset '{dataset}': use one of {', '.join(BUILTIN)}, or a path or URL "
-                             f"to a .json/.jsonl (Alpaca records), .csv/.tsv (label and text columns) or .txt file")
+            raise ValueError(f"unknown dataset '{dataset}': use one of {', '.join(BUILTIN)}, or a path or URL to a "
+                             f".json/.jsonl (Alpaca records, or text records), .csv/.tsv (label and text columns) or "
+                             f".txt file, or a folder of .txt/.jsonl files")
         name, kind = safe_name(file.stem), SUFFIX_KIND[file.suffix.lower()]
         if name in BUILTIN:
             raise ValueError(f"{source} would be prepared into data/{name}, the folder of the built-in dataset "
@@ -94,11 +102,18 @@ def dataset_name(dataset, urls=None):
     return resolve(dataset, urls)[0]
 
 
+def kind_of(kind, raw):
+    """The kind of data raw holds: a .json/.jsonl file of {"text": ...} records is text, not instructions."""
+    if kind == "instruction" and raw.suffix.lower() in (".json", ".jsonl") and is_text_records(raw):
+        return "text"
+    return kind
+
+
 def fetch(source, folder, name):
     """The raw file: a local path is read in place, a URL is downloaded once into folder/download/ (apart from
     the prepared files, whatever the URL's file is called) and kept there, parsed before it is kept."""
     if not is_url(source):
-        if not Path(source).is_file():
+        if not Path(source).exists():
             raise FileNotFoundError(f"dataset file {source} does not exist")
         return Path(source)
     filename = PurePosixPath(urlparse(source).path).name
@@ -117,6 +132,10 @@ def check_parses(name, as_named, part):
     if as_named.suffix.lower() == ".txt":
         with open(part, "rb") as f:
             decode(f.read(1 << 20).rsplit(b"\n", 1)[0] or b" ", as_named.name)  # UTF-8, as far as a whole line goes
+        return
+    if as_named.suffix.lower() in (".json", ".jsonl") and is_text_records(part):
+        if next(record_texts(part, {}, as_named.suffix.lower() == ".jsonl"), None) is None:
+            raise ValueError("it holds no record with a text")
         return
     skips, counts = Skips(), Counter()
     skips.shown = 0  # quiet: the records are read (and skips shown) again when the dataset is prepared
@@ -155,13 +174,6 @@ def fit(examples, max_length, truncate, skips, counts):
     return kept
 
 
-def encode_text(text):
-    """A whole text, encoded in segments in parallel: cut before every line that starts with a non-space
-    character, which gives exactly the ids of the text encoded in one piece (GPT-2's pre-tokenizer never
-    joins a newline to the character after it)."""
-    return [{"tokens": tokens} for tokens in encode_batch(re.split(r"(?<=\n)(?=\S)", text))]
-
-
 def balance(records, rng, counts):
     """Downsample every label to the count of the rarest (spam: 4,827 ham to 747), rng choosing which."""
     by_label = {}
@@ -175,12 +187,8 @@ def balance(records, rng, counts):
 
 def make_splits(examples, kind, rng):
     """{split: examples}, shuffled and cut the LLMs-from-scratch way (int(fraction * n) for the first two
-    splits, the rest for the third). Plain text is one token stream, cut at 90% like nanoGPT's."""
+    splits, the rest for the third)."""
     (first, f1), (second, f2), rest = SPLITS[kind]
-    if kind == "text":
-        tokens = np.concatenate([e["tokens"] for e in examples])
-        cut = int(f1 * len(tokens))
-        return {first: [{"tokens": tokens[:cut]}], second: [{"tokens": tokens[cut:]}]}
     order = rng.permutation(len(examples))
     a, b = int(f1 * len(examples)), int(f2 * len(examples))
     parts = {first: order[:a], second: order[a:a + b], rest: order[a + b:]}
@@ -204,9 +212,8 @@ def write_split(folder, name, examples, kind):
         np.save(folder / f"{name}.prompt_len.npy", np.array([e["prompt_len"] for e in examples], np.int32))
     if kind == "classification":
         np.save(folder / f"{name}.labels.npy", np.array([e["label"] for e in examples], np.int64))
-    if kind != "text":
-        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e["record"], ensure_ascii=False) + "\n" for e in examples)
+    with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e["record"], ensure_ascii=False) + "\n" for e in examples)
 
 
 def write_dataset(folder, splits, kind, meta):
@@ -217,16 +224,17 @@ def write_dataset(folder, splits, kind, meta):
     try:
         for name, examples in splits.items():
             write_split(tmp, name, examples, kind)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for file in sorted(tmp.iterdir(), key=lambda f: f.name == "meta.json"):
+        for file in tmp.iterdir():
             os.replace(file, folder / file.name)
+        atomic_json(folder / "meta.json", meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the whole recipe
 
-def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False, urls=None):
+def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False, urls=None,
+            shard_tokens=100_000_000, val_fraction=0.1):
     """data_dir/NAME, holding dataset's tokenized splits: prepared now unless its meta.json is already there
     (then nothing is read or downloaded). urls overrides built-in datasets' sources: {"spam": url_or_path}."""
     name, kind, source = resolve(dataset, urls)
@@ -237,44 +245,83 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
         if not changed:
             return folder
         print(f"note: {folder} was prepared with {changed}: preparing it again")
+        (folder / "meta.json").unlink()  # no longer a dataset until the new one is whole
     raw = fetch(source, folder, name)
+    kind = kind_of(kind, raw)
     print(f"{name}: preparing {raw}")
     start, rng, skips, counts = time.time(), np.random.default_rng(seed), Skips(), Counter()
-    extra = {}
     if kind == "text":
-        examples = encode_text(read_text(raw))
+        return prepare_text(name, raw, folder, asked, shard_tokens, val_fraction, start)
+    records = read_records(name, raw, skips, counts)
+    if not records:
+        raise ValueError(f"{source} has no valid record (skipped: {dict(skips) or 'none'})")
+    extra = {}
+    if kind == "instruction":
+        examples = encode_instructions(records)
+        extra["template"] = ALPACA_TEMPLATE
     else:
-        records = read_records(name, raw, skips, counts)
-        if not records:
-            raise ValueError(f"{source} has no valid record (skipped: {dict(skips) or 'none'})")
-        if kind == "instruction":
-            examples = encode_instructions(records)
-            extra["template"] = ALPACA_TEMPLATE
-        else:
-            extra["labels"] = sorted({r["label"] for r in records})
-            counts["per_label"] = dict(Counter(r["label"] for r in records))
-            records = balance(records, rng, counts) if name == "spam" else records
-            examples = encode_labelled(records, extra["labels"])
-        examples = fit(examples, max_length, truncate, skips, counts)
-        if not examples:
-            raise ValueError(f"every record of {source} is longer than max_length={max_length} tokens: raise "
-                             f"max_length, or set truncate=True")
+        extra["labels"] = sorted({r["label"] for r in records})
+        counts["per_label"] = dict(Counter(r["label"] for r in records))
+        records = balance(records, rng, counts) if name == "spam" else records
+        examples = encode_labelled(records, extra["labels"])
+    examples = fit(examples, max_length, truncate, skips, counts)
+    if not examples:
+        raise ValueError(f"every record of {source} is longer than max_length={max_length} tokens: raise "
+                         f"max_length, or set truncate=True")
     counts["examples"] = len(examples)
     splits = make_splits(examples, kind, rng)
-    sizes = {s: len(ex) if kind != "text" else len(ex[0]["tokens"]) for s, ex in splits.items()}
-    meta = {"name": name, "kind": kind, **asked, "raw": raw.name, "sha256": sha256_of(raw), **stamp(raw),
-            "tokenizer": "gpt2",
-            "splits": sizes, "skipped": dict(skips), "counts": dict(counts), "tokens": token_stats(examples),
-            **extra}
+    meta = {"name": name, "kind": kind, **asked, "raw": raw.name, "sha256": fingerprint(raw), **stamp(raw),
+            "tokenizer": "gpt2", "splits": {s: len(ex) for s, ex in splits.items()}, "skipped": dict(skips),
+            "counts": dict(counts), "tokens": token_stats(examples), **extra}
     write_dataset(folder, splits, kind, meta)
     summarize(meta, time.time() - start, folder)
     return folder
 
 
+def prepare_text(name, raw, folder, asked, shard_tokens, val_fraction, start):
+    """A text dataset: its documents tokenized into uint16 shards, the val split first (corpus.py). The shards
+    are made in folder/.prepare-text, which an interrupted run leaves for the next to go on from, then moved
+    into place with meta.json last."""
+    files = text_files(raw)
+    work, skips = folder / ".prepare-text", Counter()
+    progress = tokenize_corpus(documents(files, skips), sum(f.stat().st_size for f in files), work, shard_tokens,
+                               val_fraction, source_id=stamp(raw))
+    shards = progress["shards"]
+    splits = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(f"{raw} is too short to split: it gave {splits['val']} val and {splits['train']} train "
+                         f"tokens; give more text (or another val_fraction)")
+    meta = {"name": name, "kind": "text", **asked, "raw": raw.name, "sha256": fingerprint(raw), **stamp(raw),
+            "tokenizer": "gpt2", "splits": splits, "shards": shards, "skipped": dict(skips),
+            "counts": {"files": len(files), "documents": progress["documents"], "characters": progress["characters"]},
+            "tokens": {"total": sum(splits.values())}, "shard_tokens": shard_tokens, "val_fraction": val_fraction}
+    for old in folder.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].npy"):  # a former preparation's shards
+        old.unlink()
+    for shard in shards:
+        os.replace(work / shard["file"], folder / shard["file"])
+    atomic_json(folder / "meta.json", meta)
+    shutil.rmtree(work, ignore_errors=True)
+    summarize(meta, time.time() - start, folder)
+    return folder
+
+
+def source_files(raw):
+    return sorted(p for p in raw.rglob("*") if p.is_file()) if raw.is_dir() else [raw]
+
+
 def stamp(raw):
-    """The size and modification time of a file, to notice cheaply when it has changed."""
-    stat = raw.stat()
-    return {"source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+    """The size and modification time of a file (or a folder's files), to notice cheaply when it has changed."""
+    stats = [f.stat() for f in source_files(raw)]
+    return {"source_size": sum(s.st_size for s in stats), "source_mtime_ns": max((s.st_mtime_ns for s in stats),
+                                                                                  default=0)}
+
+
+def fingerprint(raw):
+    """The sha256 of a file; of a folder, the sha256 of its files' names and sha256s."""
+    if raw.is_file():
+        return sha256_of(raw)
+    return hashlib.sha256("".join(f"{f.relative_to(raw)}:{sha256_of(f)}\n" for f in source_files(raw)).encode()
+                          ).hexdigest()
 
 
 def what_changed(meta, asked):
@@ -282,10 +329,17 @@ def what_changed(meta, asked):
     changed since), as text; '' when it still does."""
     differ = [f"{k}={meta.get(k)!r} (not {v!r})" for k, v in asked.items() if meta.get(k) != v]
     source = Path(asked["source"])
-    if not differ and not is_url(asked["source"]) and source.is_file():
-        if {k: meta.get(k) for k in stamp(source)} != stamp(source) and sha256_of(source) != meta.get("sha256"):
+    if not differ and not is_url(asked["source"]) and source.exists():
+        if {k: meta.get(k) for k in stamp(source)} != stamp(source) and fingerprint(source) != meta.get("sha256"):
             differ.append(f"an earlier version of {source.name} (its contents changed since)")
     return ", ".join(differ)
+
+
+def atomic_json(path, value):
+    """Write value as JSON to a temp file, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def summarize(meta, seconds, folder):
@@ -293,8 +347,10 @@ def summarize(meta, seconds, folder):
     n, unit = (t["total"], "token") if text else (meta["counts"]["examples"], "example")
     print(f"  counts: {json.dumps(meta['counts'])}")
     print(f"  skipped: {json.dumps(meta['skipped']) if meta['skipped'] else 'none'}")
-    print(f"  tokens per {'segment' if text else 'example'}: max {t['max']:,}, mean {t['mean']:,}, "
-          f"p95 {t['p95']:,}; {t['total']:,} in all")
+    if text:
+        print(f"  {len(meta['shards'])} shards of up to {meta['shard_tokens']:,} tokens; {t['total']:,} tokens in all")
+    else:
+        print(f"  tokens per example: max {t['max']:,}, mean {t['mean']:,}, p95 {t['p95']:,}; {t['total']:,} in all")
     print(f"  {unit}s per split: " + ", ".join(f"{s} {k:,}" for s, k in meta["splits"].items()) + f" -> {folder}")
     print(f"  prepared {n:,} {unit}s in {seconds:.2f}s ({n / max(seconds, 1e-9):,.0f} {unit}s/s)")
 
@@ -303,6 +359,6 @@ if __name__ == "__main__":
     from configurator import configure, fail
     configure(globals())
     try:
-        print(f"ready: {prepare(dataset, data_dir, seed, max_length, truncate)}")
+        print(f"ready: {prepare(dataset, data_dir, seed, max_length, truncate, None, shard_tokens, val_fraction)}")
     except (ValueError, OSError, DownloadError) as e:
         fail(str(e))

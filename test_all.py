@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -30,8 +31,8 @@ import readers
 from classify import (Classifier, LabelledSplit, collate_labelled, freeze, head_trains_unless_adapted, load_classifier,
                       pool)
 from configurator import configure
-from data import (ALPACA_TEMPLATE, IGNORE, collate, format_prompt, length_grouped_batches, load_records, load_split,
-                  padding_fraction)
+from data import (ALPACA_TEMPLATE, IGNORE, TextSplit, collate, format_prompt, length_grouped_batches, load_records,
+                  load_split, padding_fraction)
 from download import DownloadError
 from generation import TextStream
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint, read_safetensors, write_safetensors
@@ -39,7 +40,7 @@ from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
 from prepare import prepare
 from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
-from training import RunLog, lora_settings, make_optimizer, read_log, save_atomic, trainable_line
+from training import Run, RunLog, evaluate_loss, lora_settings, make_optimizer, read_log, save_atomic, trainable_line
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -257,7 +258,7 @@ def test_mismatched_weights_are_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"missing: h\.2\.attn\.c_attn\.bias"):
         load(tmp_path)
     torch.save({"weights": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a nanoFT checkpoint"):
+    with pytest.raises(ValueError, match=r"not a nanoFT \(or nanoGPT\) checkpoint"):
         load(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="neither a GPT-2 name"):
         load("gpt3")
@@ -314,6 +315,101 @@ def test_init_and_optimizer_groups():
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
     with pytest.raises(ValueError, match="longer than the context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- your own pretrained GPT-2: nanoGPT and llm.c
+
+def nanogpt_state_dict(hf, vocab=50304, bias=True, compiled=False):
+    """A nanoGPT model's state_dict written from a transformers GPT-2: 'transformer.' names, nn.Linear (out, in)
+    weights, the vocabulary padded to 50,304 (as nanoGPT pads it), and mask buffers; with bias=False, no biases."""
+    sd = {}
+    for name, t in hf.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or (not bias and name.endswith(".bias")):
+            continue
+        t = t.t().contiguous() if name.endswith(load_gpt2.CONV1D) else t.clone()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            t = torch.cat([t, torch.randn(vocab - t.size(0), t.size(1)) * 0.02])  # padding rows, never used
+        sd[("_orig_mod." if compiled else "") + name] = t
+    sd["lm_head.weight"] = sd[("_orig_mod." if compiled else "") + "transformer.wte.weight"]  # tied, as nanoGPT ties it
+    n = hf.config.n_positions
+    for i in range(hf.config.n_layer):  # nanoGPT keeps its causal mask as a buffer when it has no flash attention
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    return sd
+
+
+@pytest.mark.parametrize("bias, compiled", [(True, False), (False, True)])
+def test_a_nanogpt_checkpoint_loads_with_the_reference_logits(tmp_path, bias, compiled):
+    hf = reference_model(seed=3)
+    if not bias:  # the reference for nanoGPT's bias=False: the same model with every bias zero
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith(".bias"):
+                    p.zero_()
+    c = hf.config
+    args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions, bias=bias,
+                vocab_size=50304, dropout=0.0)
+    torch.save({"model": nanogpt_state_dict(hf, bias=bias, compiled=compiled), "model_args": args, "iter_num": 5000,
+                "best_val_loss": torch.tensor(2.9), "config": {"dataset": "openwebtext"}}, tmp_path / "ckpt.pt")
+    ours = load(tmp_path / "ckpt.pt")
+    idx = torch.randint(0, 50257, (2, 40))
+    assert ours.config.bias is bias and ours.config.vocab_size == 50257
+    assert max_logit_diff(hf, ours, idx) <= 1e-5
+    export_hf(ours, tmp_path / "hf")  # a bias-free model exports with zero biases, which transformers reads
+    assert max_logit_diff(hf, GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval(), idx) <= 1e-5
+
+
+def write_llmc(hf, path, version=3):
+    """An llm.c checkpoint written from a transformers GPT-2 the way llm.c's train_gpt2.py writes one."""
+    c, sd = hf.config, hf.state_dict()
+    L, C = c.n_layer, c.n_embd
+    wte = sd["transformer.wte.weight"]
+    Vp = (wte.size(0) + 127) // 128 * 128
+    header = torch.zeros(256, dtype=torch.int32)
+    header[:8] = torch.tensor([20240326, version, c.n_positions, wte.size(0), L, c.n_head, C, Vp])
+    tensors = [torch.cat([wte, torch.zeros(Vp - wte.size(0), C)]), sd["transformer.wpe.weight"]]
+    for name in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                 "mlp.c_proj.weight", "mlp.c_proj.bias"):
+        for i in range(L):
+            t = sd[f"transformer.h.{i}.{name}"]
+            tensors.append(t.t() if name.endswith("weight") and t.dim() == 2 else t)  # Conv1D (in, out) -> (out, in)
+    tensors += [sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]]
+    with open(path, "wb") as f:
+        f.write(header.numpy().tobytes())
+        for t in tensors:
+            t = t.contiguous().float()
+            f.write(t.numpy().tobytes() if version == 3 else t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+
+
+def test_an_llmc_checkpoint_loads_with_the_reference_logits(tmp_path):
+    hf = reference_model(seed=4)
+    write_llmc(hf, tmp_path / "gpt2_tiny.bin")
+    idx = torch.randint(0, 50257, (2, 40))
+    assert max_logit_diff(hf, load(tmp_path / "gpt2_tiny.bin"), idx) <= 1e-5
+    write_llmc(hf, tmp_path / "gpt2_tiny_bf16.bin", version=5)
+    bf16 = load(tmp_path / "gpt2_tiny_bf16.bin")  # bf16 weights, as llm.c trains: equal to the rounded reference
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    assert max_logit_diff(hf, bf16, idx) <= 1e-5
+
+
+def test_hostile_llmc_headers_are_refused(tmp_path):
+    hf = reference_model(seed=4)
+    write_llmc(hf, tmp_path / "good.bin")
+    data = (tmp_path / "good.bin").read_bytes()
+    header = np.frombuffer(data[:1024], dtype="<i4").copy()
+    for change, why in (((0, 1234), "no header with magic number 20240326"), ((1, 4), "of version 4"),
+                        ((4, 3), "calls for"), ((6, 10 ** 6), "calls for"), ((5, 3), "impossible sizes"),
+                        ((7, 10), "impossible sizes")):
+        bad = header.copy()
+        bad[change[0]] = change[1]
+        (tmp_path / "bad.bin").write_bytes(bad.tobytes() + data[1024:])
+        with pytest.raises(ValueError, match=why):
+            load(tmp_path / "bad.bin")
+    (tmp_path / "short.bin").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match="cut short"):
+        load(tmp_path / "short.bin")
 
 
 # ----------------------------------------------------------------------------- safetensors are hostile
@@ -1119,16 +1215,6 @@ def test_classification_csv_and_tsv_of_your_own(tmp_path):
     assert sorted(r["text"] for r in records) == ['"Yay\tyay', "Oh no"]  # extra tabs stay in the text
 
 
-def test_text_file_is_one_token_stream_split_90_10(tmp_path, enc):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\n\tSpeak, speak.\n\n\n" * 200
-    (tmp_path / "tiny.txt").write_text(text)
-    folder = prepare(str(tmp_path / "tiny.txt"), tmp_path / "data")
-    meta = meta_of(folder)
-    train, val = (load_split(folder, s)["tokens"].tolist() for s in ("train", "val"))
-    assert meta["kind"] == "text" and train + val == enc.encode_ordinary(text)  # exactly the whole-text ids
-    assert len(train) == int(0.9 * len(train + val)) and meta["splits"] == {"train": len(train), "val": len(val)}
-
-
 # ----------------------------------------------------------------------------- nothing outside its folder, nothing stale
 
 def test_a_dataset_named_by_dots_or_odd_characters_stays_inside_data_dir(tmp_path):
@@ -1367,6 +1453,136 @@ def test_finetune_rejects_bad_settings_in_one_line(finetune_run, args, message):
     result = finetune_run(*args, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+# ----------------------------------------------------------------------------- plain text at any scale
+
+DECLARATION = (  # public domain: the United States Declaration of Independence, 1776 (its opening)
+    "When in the Course of human events, it becomes necessary for one people to dissolve the political bands which "
+    "have connected them with another, and to assume among the powers of the earth, the separate and equal station "
+    "to which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of mankind "
+    "requires that they should declare the causes which impel them to the separation.\n\n"
+    "We hold these truths to be self-evident, that all men are created equal, that they are endowed by their "
+    "Creator with certain unalienable Rights, that among these are Life, Liberty and the pursuit of Happiness.--That "
+    "to secure these rights, Governments are instituted among Men, deriving their just powers from the consent of "
+    "the governed, --That whenever any Form of Government becomes destructive of these ends, it is the Right of the "
+    "People to alter or to abolish it, and to institute new Government, laying its foundation on such principles "
+    "and organizing its powers in such form, as to them shall seem most likely to effect their Safety and "
+    "Happiness.\n")
+
+
+def shard_tokens(folder, split):
+    return [t for s in meta_of(folder)["shards"] if s["split"] == split for t in np.load(folder / s["file"]).tolist()]
+
+
+def test_a_text_file_becomes_shards_with_val_first_and_exactly_its_ids(tmp_path, enc):
+    text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\n\tSpeak, speak.\n\n\n"
+            "x \n\nB  \r\n日本語 🦙 don't 3.14\n") * 300  # runs of newlines and spaces, CRLF, emoji
+    (tmp_path / "tiny.txt").write_text(text, newline="")
+    folder = prepare(str(tmp_path / "tiny.txt"), tmp_path / "data", shard_tokens=2000)
+    meta = meta_of(folder)
+    val, train = shard_tokens(folder, "val"), shard_tokens(folder, "train")
+    assert meta["kind"] == "text" and val + train == [EOT] + enc.encode_ordinary(text)  # exactly the whole text's ids
+    assert 0.08 < len(val) / len(val + train) < 0.12 and meta["splits"] == {"train": len(train), "val": len(val)}
+    assert len(meta["shards"]) == len(val) // 2000 + 1 + len(train) // 2000 + 1
+    for shard in meta["shards"]:
+        assert shard["sha256"] == pp.sha256_of(folder / shard["file"]) and shard["tokens"] <= 2000
+    assert not (folder / ".prepare-text").exists() and not list(folder.glob("*.tmp"))
+
+
+def test_text_records_and_folders_are_documents_separated_by_endoftext(tmp_path, enc, server):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"Document {i}: " + "the quick brown fox " * (i + 1) for i in range(6)]
+    (corpus / "a.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[:4]))
+                                    + '\n{"id": 9}\n')  # FineWeb's shape; a record without text is skipped
+    (corpus / "b.txt").write_text(docs[4])
+    (corpus / "c.json").write_text(json.dumps([{"text": docs[5]}]))
+    folder = prepare(str(corpus), tmp_path / "data", val_fraction=0.2)
+    meta = meta_of(folder)
+    assert shard_tokens(folder, "val") + shard_tokens(folder, "train") == [t for d in docs for t in [EOT, *enc.encode_ordinary(d)]]
+    assert meta["counts"]["documents"] == 6 and meta["skipped"] == {"no text": 1} and folder.name == "corpus"
+    url = server(corpus / "a.jsonl", name="web/fineweb.jsonl")  # at a URL, told from Alpaca records by their keys
+    assert meta_of(prepare(url, tmp_path / "data", val_fraction=0.3))["kind"] == "text"
+    assert meta_of(prepare(str(write_instructions(tmp_path / "mine.json", n=20)), tmp_path / "data"))["kind"] == "instruction"
+
+
+def test_an_interrupted_text_preparation_goes_on_from_its_last_shard(tmp_path, monkeypatch, enc):
+    import corpus
+    text = " ".join(f"word{i}" for i in range(30_000))
+    (tmp_path / "big.txt").write_text(text)
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 4000)
+    encode, calls = corpus.encode_batch, []
+
+    def interrupted(texts):
+        calls.append(len(texts))
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return encode(texts)
+    monkeypatch.setattr(corpus, "encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(tmp_path / "big.txt"), tmp_path / "data", shard_tokens=5000)
+    assert not (tmp_path / "data" / "big" / "meta.json").exists()  # no half dataset
+    done = json.loads((tmp_path / "data" / "big" / ".prepare-text" / "progress.json").read_text())["shards"]
+    pieces_before = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(corpus, "encode_batch", encode)
+    folder = prepare(str(tmp_path / "big.txt"), tmp_path / "data", shard_tokens=5000)
+    assert meta_of(folder)["shards"][:len(done)] == done and len(done) >= 2  # kept, not written again
+    assert shard_tokens(folder, "val") + shard_tokens(folder, "train") == [EOT] + enc.encode_ordinary(text)
+    assert pieces_before > 0
+
+
+def test_text_windows_are_random_per_process_and_fixed_for_evaluation(tmp_path):
+    (tmp_path / "t.txt").write_text(DECLARATION * 20)
+    folder = prepare(str(tmp_path / "t.txt"), tmp_path / "data", shard_tokens=1000)
+    train = TextSplit(folder, "train")
+    a, b = train.random_batch(4, 32, [1, 0, 7, 0]), train.random_batch(4, 32, [1, 1, 7, 0])
+    assert torch.equal(a[0], train.random_batch(4, 32, [1, 0, 7, 0])[0])  # the same step draws the same windows
+    assert not torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])  # per rank; targets shifted
+    starts = train.starts(32)
+    assert all(start + 32 < len(train.shards[k]) for k, start in starts)  # every window within its shard
+    x, y = next(train.eval_batches(8, 0, 32))
+    assert torch.equal(x[0], torch.from_numpy(np.asarray(train.shards[0][:32], np.int64)))
+
+
+def test_text_perplexity_equals_transformers_loss_on_the_same_windows(tmp_path, tiny):
+    hf, folder_model = tiny
+    (tmp_path / "t.txt").write_text(DECLARATION * 10)
+    folder = prepare(str(tmp_path / "t.txt"), tmp_path / "data", shard_tokens=700)
+    val = TextSplit(folder, "val")
+    run = Run(0, 1, False, "cpu")
+    ours = evaluate_loss(load(folder_model), val.eval_batches(4, 0, 64), run)
+    with torch.no_grad():
+        windows = [torch.cat([x, y[:, -1:]], 1) for x, y in val.eval_batches(4, 0, 64)]  # 65 tokens each
+        losses = [(hf(w, labels=w).loss.item(), w[:, 1:].numel()) for w in windows]  # transformers shifts them itself
+    reference = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    assert abs(ours - reference) <= 1e-4
+    result = subprocess.run([sys.executable, str(HERE / "finetune.py"), f"--model={folder_model}", f"--dataset={tmp_path / 't.txt'}",
+                             f"--data_dir={tmp_path / 'data'}", "--eval_only=True", "--block_size=64", "--batch_size=4",
+                             "--dtype=float32"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"val loss {ours:.4f}, perplexity {math.exp(ours):.2f}" in result.stdout
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_finetune_on_text_learns_resumes_exactly_and_continues_the_val_text(finetune_run):
+    root = finetune_run.root
+    (root / "declaration.txt").write_text(DECLARATION * 8)
+    common = [f"--dataset={root / 'declaration.txt'}", "--block_size=64", "--batch_size=4", "--dtype=float32",
+              "--lr=3e-3", "--min_lr=3e-3", "--dropout=0.1", "--eval_interval=10", "--eval_prompts=1",
+              "--max_new_tokens=8"]  # a constant lr: 12 iterations and a resume to 30 follow the schedule of 30
+    straight = finetune_run(*common, "--max_iters=30", "--out_dir=out/text")
+    losses = logged(root / "out/text/log.jsonl")
+    assert np.mean([losses[i] for i in range(26, 31)]) < np.mean([losses[i] for i in range(1, 6)]) - 2.0
+    assert "iter 30: val loss" in straight.stdout and ", perplexity " in straight.stdout
+    assert "> 'When in the Course" in straight.stdout or "  > '" in straight.stdout  # a continuation of val text
+    assert not (root / "out/text/test_responses.json").exists()
+    finetune_run(*common, "--max_iters=12", "--out_dir=out/text-resumed")
+    resumed = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--resume=True", "--out_dir=out/text-resumed",
+                              "--max_iters=30"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert logged(root / "out/text-resumed/log.jsonl") == losses  # bit for bit: the same windows after a resume
 
 
 # ----------------------------------------------------------------------------- a run never loses an earlier one

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import fail
-from data import read_meta
+from data import IGNORE, read_meta
 from download import DownloadError
 from generation import device_problem, pick_device
 from lora import LORA_CHOICES, check_lora_targets
@@ -138,9 +138,9 @@ def dataset_folder(dataset):
         fail(f"dataset '{dataset}': {e}")
 
 
-def prepare_dataset(dataset, run, kind, what_instead, **kwargs):
+def prepare_dataset(dataset, run, kinds, what_instead, **kwargs):
     """(folder, meta) of dataset, prepared with prepare.prepare(dataset, **kwargs) on rank 0 (download, tokenize)
-    while the other processes wait, then read by all. A dataset of another kind than `kind` is refused, with
+    while the other processes wait, then read by all. A dataset of another kind than `kinds` is refused, with
     what_instead saying what the script needs."""
     from prepare import prepare
     try:
@@ -151,7 +151,7 @@ def prepare_dataset(dataset, run, kind, what_instead, **kwargs):
     except (ValueError, OSError, DownloadError) as e:
         fail(f"dataset '{dataset}': {e}")
     meta = read_meta(folder)
-    if meta["kind"] != kind:
+    if meta["kind"] not in kinds:
         fail(f"dataset '{dataset}' is {meta['kind']} data, not {what_instead}")
     return folder, meta
 
@@ -499,19 +499,17 @@ def eta(seconds):
 
 
 @torch.no_grad()
-def evaluate_loss(model, split, batch_size, max_batches, mask_prompt, run):
-    """Mean of per-batch mean losses over an instruction split (its first max_batches batches; 0 = all), every
-    process taking its share of the batches."""
+def evaluate_loss(model, batches, run):
+    """The mean loss per target token over batches of (inputs, targets), whichever process saw which batch:
+    the same number however the split is cut into batches."""
     was_training = model.training
     model.eval()
-    batches = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
-    batches = batches[:max_batches] if max_batches else batches
-    total = torch.zeros(2, device=run.device)
-    for indices in batches[run.rank::run.world]:
-        x, y = split.batch(indices, mask_prompt, run.device)
+    total = torch.zeros(2, device=run.device, dtype=torch.float64)  # loss summed over tokens, tokens
+    for x, y in batches:
         with run.autocast:
             _, loss = model(x, y)
-        total += torch.stack([loss.float(), torch.ones((), device=run.device)])
+        n = (y != IGNORE).sum()
+        total += torch.stack([loss.double() * n, n.double()])
     if run.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
