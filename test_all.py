@@ -1939,7 +1939,7 @@ def llama_greedy(llm, ids, n):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_llama_cpp_runs_the_export_as_we_do(exported, llama_cpp, enc, dtype):
-    llm = llama_cpp.Llama(str(exported.paths[dtype]), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(str(exported.paths[dtype]), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
     teacher = enc.encode_ordinary(FINE_TUNING_TEXT)
     ids = teacher[:10]
     llm.eval(teacher)  # every position's logits at once: the next token at each, given the true text before it
@@ -1959,37 +1959,44 @@ def test_llama_cpp_runs_the_export_as_we_do(exported, llama_cpp, enc, dtype):
 
 
 def test_llama_cpp_ties_the_head_of_a_model_that_has_none(exported, llama_cpp, enc):
-    llm = llama_cpp.Llama(str(exported.paths["base"]), n_ctx=128, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(str(exported.paths["base"]), n_ctx=128, n_threads=1, verbose=False)
     assert "tokenizer.chat_template" not in llm.metadata  # a plain GPT-2 continues text
     ids = enc.encode_ordinary(PROMPT)
     assert llama_greedy(llm, ids, 40) == greedy_ids(exported.base, ids, 40)
 
 
-def chat_as_sample_py_folds_it(enc, gpt, questions, n):
-    """sample.py --chat's context for the last question, and its greedy answers to the ones before (token ids)."""
-    history = []
-    for question in questions[:-1]:
-        ids = history + enc.encode_ordinary(format_prompt(question))
-        history = ids + greedy_ids(gpt, ids, n) + [EOT]
-    return history + enc.encode_ordinary(format_prompt(questions[-1])), history
-
-
-def test_chat_template_renders_sample_pys_conversation(exported, llama_cpp, enc):
-    import jinja2.sandbox
+def chat_messages(enc, gpt):
+    """A two-question conversation as chat messages, and sample.py --chat's context for its second question."""
     questions = ["Name a color.", "And a fruit?"]
-    context, history = chat_as_sample_py_folds_it(enc, exported.lora, questions, 12)
-    answer = enc.decode(history[len(enc.encode_ordinary(format_prompt(questions[0]))):-1])
-    messages = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": answer},
+    first = enc.encode_ordinary(format_prompt(questions[0]))
+    answer = greedy_ids(gpt, first, 12)
+    messages = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": enc.decode(answer)},
                 {"role": "user", "content": questions[1]}]
+    return messages, first + answer + [EOT] + enc.encode_ordinary(format_prompt(questions[1]))  # as chat_loop
+
+
+def test_chat_template_renders_sample_pys_conversation(exported, enc):
+    import jinja2.sandbox
+    messages, context = chat_messages(enc, exported.lora)
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers'
-    rendered = env.from_string(chat_template(ALPACA_TEMPLATE)).render(messages=messages, add_generation_prompt=True)
-    assert rendered == enc.decode(context)
-    llm = llama_cpp.Llama(str(exported.paths["f32"]), n_ctx=128, n_threads=2, verbose=False)
+    template = env.from_string(chat_template(ALPACA_TEMPLATE))
+    assert template.render(messages=messages, add_generation_prompt=True) == enc.decode(context)
+    system = [{"role": "system", "content": "You are a pirate."}]  # the Alpaca preamble is the system prompt
+    assert template.render(messages=system + messages) == enc.decode(context)
+
+
+def test_llama_cpp_applies_the_chat_template_from_the_file(exported, llama_cpp, enc):
+    messages, context = chat_messages(enc, exported.lora)
+    llm = llama_cpp.Llama(str(exported.paths["f32"]), n_ctx=128, n_threads=1, verbose=False)
+    rendered = enc.decode(context)
+    # the text as tiktoken reads it, <|endoftext|> as the control token (a model's own answer may have come in other
+    # tokens than the text's: any front-end that renders a chat to text tokenizes it afresh)
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == enc.encode(rendered, allowed_special="all")
-    # llama.cpp's chat API picks the template up from the file by itself, and answers as we do
-    reply = llm.create_chat_completion(messages[:1], temperature=0.0, max_tokens=12)["choices"][0]["message"]["content"]
-    ours = greedy_ids(exported.lora, enc.encode_ordinary(format_prompt(questions[0])), 12)
-    assert reply == b"".join(enc.decode_single_token_bytes(t) for t in ours).decode(errors="ignore")
+    assert EOT in llm.tokenize(rendered.encode(), add_bos=False, special=True)
+    # llama-cpp-python's chat API picks the template up from the file by itself, and answers as we do
+    reply = llm.create_chat_completion(messages[:1], temperature=0.0, max_tokens=12)["choices"][0]["message"]
+    ours = greedy_ids(exported.lora, enc.encode_ordinary(format_prompt(messages[0]["content"])), 12)
+    assert reply["content"] == b"".join(enc.decode_single_token_bytes(t) for t in ours).decode(errors="ignore")
 
 
 GO_TEMPLATE = """package main
