@@ -1,10 +1,11 @@
 """
 Load GPT-2 into model.py: OpenAI's four checkpoints from the Hugging Face hub, a local Hugging Face
 folder or .safetensors file, or a checkpoint written by our own scripts (the one place that reads them).
-Also the way back (export_hf).
+Also the way back (export_hf), and on to llama.cpp and Ollama (gguf_export.py).
 
     model = load_gpt2("gpt2-medium")          # downloads once into ~/.cache/nanoft
     python load_gpt2.py --model=gpt2-xl        # download, load, print the config and a greedy sample
+    python load_gpt2.py --model=out/alpaca/ckpt.pt --export=model.gguf --export_dtype=q8_0   # + model.Modelfile
 
 Needs nothing but torch, numpy and requests: safetensors files are read and written here, and downloads
 (download.py) are checked before they are cached, so a partial or corrupt file is never loaded.
@@ -355,18 +356,30 @@ model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a 
 prompt = "Every effort moves you"  # the text the model continues (greedily) after loading
 max_new_tokens = 20  # how many tokens it adds
 device = "cpu"  # cpu, cuda or mps
+export = ""  # a .gguf file to write the model to, for llama.cpp and Ollama (and a .Modelfile beside it)
+export_dtype = "f16"  # the GGUF's weights: f32, f16 or q8_0 (8 bits, llama.cpp's blocks of 32)
+overwrite = False  # replace an existing export
 
 if __name__ == "__main__":
     import tiktoken
     from configurator import configure, fail
+    from gguf_export import check_export, export_gguf
     configure(globals())
     try:
-        gpt = load_gpt2(model, device=device)
+        if export:
+            check_export(export, export_dtype, overwrite)  # before a long load
+        gpt, info = load_model(model, device=device)
+        written = export_gguf(gpt, export, export_dtype, info["template"], overwrite) if export else ()
     except (DownloadError, ValueError, FileNotFoundError) as e:
         fail(str(e))
-    enc = tiktoken.get_encoding("gpt2")
     print(f"{model}: {gpt.config}")
     print(f"parameters: {gpt.num_params() / 1e6:.1f}M")
-    ids = torch.tensor([enc.encode(prompt)], device=device)
-    out = gpt.generate(ids, max_new_tokens, temperature=0)
-    print(enc.decode(out[0].tolist()))
+    if written:
+        print("\n".join(f"wrote {path}" for path in written))
+        print(f"run it: llama-cli -m {written[0]} -c {gpt.config.block_size}   or   "
+              f"ollama create mymodel -f {written[1]} && ollama run mymodel")
+    else:
+        enc = tiktoken.get_encoding("gpt2")
+        ids = torch.tensor([enc.encode(prompt)], device=device)
+        out = gpt.generate(ids, max_new_tokens, temperature=0)
+        print(enc.decode(out[0].tolist()))

@@ -2411,3 +2411,303 @@ def test_chat_answers_each_line_and_forgets_on_reset(tiny, finetuned, enc):
     assert "conversation forgotten" in result.stderr
     eof = sample(f"--model={finetuned}", "--chat=True", "--max_new_tokens=3", stdin=f"{first}\n")  # Ctrl-D
     assert ok(eof).count("> ") == 2
+
+
+# ----------------------------------------------------------------------------- GGUF: llama.cpp and Ollama
+
+from types import SimpleNamespace  # noqa: E402
+
+from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template  # noqa: E402
+
+# the tokenizer's hard cases: runs of spaces and newlines, tabs, emoji (one character, several tokens), CJK,
+# contractions, digit runs, and the end-of-text marker written as plain text
+TRICKY = ["Hello world", "  two leading spaces,   three inside and a trailing one ",
+          "line\nbreaks\n\n\n\tand\ttabs\r\n", "emoji 🦙🚀 and 😶\u200d🌫️ joined; 日本語 and Български",
+          "I've 'RE you sure? We'Ve a'lL 3 33 333 3333 3.14 3...3", "<|endoftext|> written as text, <|endoftext|>",
+          "```python\nprint('hi')  # ok\n```", ""]
+
+
+@pytest.fixture(scope="module")
+def gguf_read():
+    gguf = pytest.importorskip("gguf", reason="llama.cpp's own GGUF reader: pip install -r requirements-dev.txt")
+    return gguf.GGUFReader
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding, built from source (about 5 minutes on "
+                               "2 cores): CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python")
+
+
+# what the fixture's model is fine-tuned on, so that it predicts as peakily as a trained model does (a random one's
+# next-token logits are nearly flat, and a near tie may fall either way under any rounding)
+FINE_TUNING_TEXT = ("The meaning of life is, as far as anyone has ever been able to tell, to find something worth "
+                    "doing and to do it well, with people one loves, for as long as one can, and then to rest. Every "
+                    "effort moves you a little closer to it, and most of the way is walked in small steps that nobody "
+                    "sees.")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory, enc):
+    """The tiny model fine-tuned briefly with LoRA on q, v, mlp.c_fc and the head, merged (so its output head is its
+    own), written with the Alpaca template as f32, f16 and q8_0; and the plain tiny model (tied head) as f32."""
+    folder = tmp_path_factory.mktemp("gguf")
+    torch.manual_seed(0)
+    lora = add_lora(load(tiny[1]).train(), rank=4, alpha=16, targets=("q", "v", "mlp.c_fc", "head"))
+    opt = make_optimizer(lora, 3e-2, 0.0, (0.9, 0.95), "cpu")
+    ids = torch.tensor([enc.encode_ordinary(FINE_TUNING_TEXT)])
+    for _ in range(30):
+        lora(ids[:, :-1], ids[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    lora = merge_lora(lora).eval()
+    paths = {dtype: export_gguf(lora, folder / f"lora-{dtype}.gguf", dtype, ALPACA_TEMPLATE)[0] for dtype in DTYPES}
+    base = load(tiny[1])
+    paths["base"] = export_gguf(base, folder / "base.gguf", "f32")[0]
+    return SimpleNamespace(lora=lora, base=base, paths=paths, folder=folder)
+
+
+def gguf_fields(reader):
+    return {name: field.contents() for name, field in reader.fields.items()
+            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")}
+
+
+def llama_cpp_name(ours):
+    """The name llama.cpp's gpt2 loader (src/models/gpt2.cpp) gives a tensor of model.py's GPT."""
+    top = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight", "ln_f.weight": "output_norm.weight",
+           "ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+    if ours in top:
+        return top[ours]
+    _, block, *module, kind = ours.split(".")
+    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    return f"blk.{block}.{names['.'.join(module)]}.{kind}"
+
+
+def q8_0_scales(tensor):
+    """Each q8_0 block's stored f16 scale, read from the raw bytes (34 per block: the scale, then 32 int8)."""
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, 34)
+    return raw[:, :2].copy().view(np.float16).astype(np.float32).reshape(*tensor.data.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_reads_back_with_every_setting_token_and_weight(exported, gguf_read, dtype):
+    from gguf.quants import dequantize
+    reader = gguf_read(exported.paths[dtype])
+    fields = gguf_fields(reader)
+    expected = {"general.architecture": "gpt2", "general.file_type": DTYPES[dtype][1], "gpt2.context_length": 128,
+                "gpt2.embedding_length": 64, "gpt2.feed_forward_length": 256, "gpt2.block_count": 2,
+                "gpt2.attention.head_count": 4, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+                "tokenizer.ggml.bos_token_id": EOT, "tokenizer.ggml.eos_token_id": EOT,
+                "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": chat_template(ALPACA_TEMPLATE)}
+    assert {k: fields[k] for k in expected} == expected
+    assert abs(fields["gpt2.attention.layer_norm_epsilon"] - 1e-5) < 1e-12
+    tokens, types = reader.fields["tokenizer.ggml.tokens"], reader.fields["tokenizer.ggml.token_type"]
+    assert len(tokens.data) == len(types.data) == 50257 and len(reader.fields["tokenizer.ggml.merges"].data) == 50000
+    sample = [tokens.contents(i) for i in (0, 198, 220, 262, 1169, 50256)]
+    assert sample == ["!", "Ċ", "Ġ", "Ġthe", "the", "<|endoftext|>"]
+    assert [types.contents(i) for i in (0, 262, 50256)] == [1, 1, 3]  # normal, normal, control
+    assert reader.fields["tokenizer.ggml.merges"].contents(0) == "Ġ t"
+
+    ours = {llama_cpp_name(name): t.detach() for name, t in exported.lora.state_dict().items()}
+    assert {t.name for t in reader.tensors} == set(ours) and "output.weight" in ours  # the untied, merged head
+    for t in reader.tensors:
+        want = ours[t.name].numpy()
+        assert tuple(int(n) for n in reversed(t.shape)) == want.shape, t.name  # GGUF lists the fastest dimension first
+        got = dequantize(t.data, t.tensor_type).reshape(want.shape)
+        if want.ndim == 1 or t.name == "position_embd.weight" or dtype == "f32":
+            assert t.tensor_type.name == "F32" and np.array_equal(got, want), t.name
+        elif dtype == "f16":
+            assert t.tensor_type.name == "F16", t.name
+            assert np.array_equal(got, want.astype(np.float16).astype(np.float32)), t.name
+        else:
+            assert t.tensor_type.name == "Q8_0", t.name
+            d = np.repeat(q8_0_scales(t), 32, axis=-1).reshape(want.shape)
+            assert (np.abs(got - want) <= d / 2).all(), t.name  # round to nearest with the stored scale
+            assert (d <= np.abs(want).reshape(-1, 32).max(-1).repeat(32).reshape(want.shape) / 127 * 1.001).all()
+
+
+def test_gguf_tokenizer_is_gpt2s_own_vocabulary_recovered_from_tiktoken():
+    """The merges rebuilt from tiktoken's ranks are OpenAI's vocab.bpe line for line, and the token strings its
+    encoder.json: tiktoken built its gpt2 encoding from these two files, so it holds them in its cache."""
+    from tiktoken.load import read_file_cached
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    tokens, merges = gpt2_vocab()
+    assert merges == read_file_cached(base + "vocab.bpe").decode().split("\n")[1:-1]
+    encoder = json.loads(read_file_cached(base + "encoder.json"))
+    assert tokens == sorted(encoder, key=encoder.get)
+
+
+def test_llama_cpp_tokenizes_exactly_as_tiktoken(exported, llama_cpp, enc):
+    vocab = llama_cpp.Llama(str(exported.paths["base"]), vocab_only=True, verbose=False)
+    for text in TRICKY:
+        ids = enc.encode_ordinary(text)
+        assert vocab.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert vocab.detokenize(ids) == text.encode(), text
+    assert vocab.tokenize(b"a<|endoftext|>b", add_bos=False, special=True) == [64, EOT, 65]  # as the control token
+
+
+def llama_greedy(llm, ids, n):
+    """llama.cpp's greedy continuation of ids, stopped before the first end-of-text (as greedy_ids)."""
+    llm.reset()
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        if token == EOT or len(out) == n:
+            return out
+        out.append(token)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_runs_the_export_as_we_do(exported, llama_cpp, enc, dtype):
+    llm = llama_cpp.Llama(str(exported.paths[dtype]), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
+    teacher = enc.encode_ordinary(FINE_TUNING_TEXT)
+    ids = teacher[:10]
+    llm.eval(teacher)  # every position's logits at once: the next token at each, given the true text before it
+    theirs = np.array(llm.scores[:len(teacher)])
+    with torch.no_grad():
+        ours = exported.lora(torch.tensor([teacher]))[0][0].numpy()
+    same = (theirs.argmax(-1) == ours.argmax(-1)).mean()
+    error = np.abs(theirs - ours).max() / np.abs(ours).max()
+    print(f"{dtype}: largest logit difference {error:.1e} of the largest logit; the same next token at "
+          f"{same:.0%} of {len(teacher)} positions")
+    # ggml's GELU reads a table of f16 inputs, so even f32 weights give logits only within a few 1e-4 of ours
+    assert error < {"f32": 1e-3, "f16": 3e-3, "q8_0": 5e-2}[dtype]
+    if dtype == "q8_0":
+        assert same >= 0.95
+    else:
+        assert same == 1 and llama_greedy(llm, ids, 40) == greedy_ids(exported.lora, ids, 40)
+
+
+def test_llama_cpp_ties_the_head_of_a_model_that_has_none(exported, llama_cpp, enc):
+    llm = llama_cpp.Llama(str(exported.paths["base"]), n_ctx=128, n_threads=1, verbose=False)
+    assert "tokenizer.chat_template" not in llm.metadata  # a plain GPT-2 continues text
+    ids = enc.encode_ordinary(PROMPT)
+    assert llama_greedy(llm, ids, 40) == greedy_ids(exported.base, ids, 40)
+
+
+def chat_messages(enc, gpt):
+    """A two-question conversation as chat messages, and sample.py --chat's context for its second question."""
+    questions = ["Name a color.", "And a fruit?"]
+    first = enc.encode_ordinary(format_prompt(questions[0]))
+    answer = greedy_ids(gpt, first, 12)
+    messages = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": enc.decode(answer)},
+                {"role": "user", "content": questions[1]}]
+    return messages, first + answer + [EOT] + enc.encode_ordinary(format_prompt(questions[1]))  # as chat_loop
+
+
+def test_chat_template_renders_sample_pys_conversation(exported, enc):
+    import jinja2.sandbox
+    messages, context = chat_messages(enc, exported.lora)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers'
+    template = env.from_string(chat_template(ALPACA_TEMPLATE))
+    assert template.render(messages=messages, add_generation_prompt=True) == enc.decode(context)
+    system = [{"role": "system", "content": "You are a pirate."}]  # the Alpaca preamble is the system prompt
+    assert template.render(messages=system + messages) == enc.decode(context)
+
+
+def test_llama_cpp_applies_the_chat_template_from_the_file(exported, llama_cpp, enc):
+    messages, context = chat_messages(enc, exported.lora)
+    llm = llama_cpp.Llama(str(exported.paths["f32"]), n_ctx=128, n_threads=1, verbose=False)
+    rendered = enc.decode(context)
+    # the text as tiktoken reads it, <|endoftext|> as the control token (a model's own answer may have come in other
+    # tokens than the text's: any front-end that renders a chat to text tokenizes it afresh)
+    assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == enc.encode(rendered, allowed_special="all")
+    assert EOT in llm.tokenize(rendered.encode(), add_bos=False, special=True)
+    # llama-cpp-python's chat API picks the template up from the file by itself, and answers as we do
+    reply = llm.create_chat_completion(messages[:1], temperature=0.0, max_tokens=12)["choices"][0]["message"]
+    ours = greedy_ids(exported.lora, enc.encode_ordinary(format_prompt(messages[0]["content"])), 12)
+    assert reply["content"] == b"".join(enc.decode_single_token_bytes(t) for t in ours).decode(errors="ignore")
+
+
+GO_TEMPLATE = """package main
+
+import ("encoding/json"; "os"; "text/template")
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var data struct{ Messages []Message; Prompt string }
+	json.NewDecoder(os.Stdin).Decode(&data)
+	template.Must(template.New("t").Parse(os.Args[1])).Execute(os.Stdout, data)
+}
+"""
+
+
+def test_ollama_template_renders_sample_pys_conversation_in_go(exported, tmp_path):
+    import shutil
+    if not shutil.which("go"):
+        pytest.skip("Go's text/template renders Ollama's TEMPLATE: apt-get install golang-go")
+    (tmp_path / "render.go").write_text(GO_TEMPLATE)
+    messages = [{"Role": "user", "Content": "Name a color."}, {"Role": "assistant", "Content": 'Blue, {{not}} "this".'},
+                {"Role": "system", "Content": "left out"}, {"Role": "user", "Content": "And a fruit?"}]
+    render = subprocess.run(["go", "run", str(tmp_path / "render.go"), ollama_template(ALPACA_TEMPLATE)],
+                            input=json.dumps({"Messages": messages}), capture_output=True, text=True,
+                            env={**os.environ, "GOCACHE": str(tmp_path / "cache"), "GO111MODULE": "off"})
+    assert render.returncode == 0, render.stderr
+    assert render.stdout == (format_prompt("Name a color.") + 'Blue, {{not}} "this".<|endoftext|>'
+                             + format_prompt("And a fruit?"))
+    modelfile = (exported.folder / "lora-q8_0.Modelfile").read_text()
+    assert f'TEMPLATE """{ollama_template(ALPACA_TEMPLATE)}"""' in modelfile
+
+
+def test_ollama_modelfile_points_at_the_gguf_and_stops_at_end_of_text(exported):
+    lines = (exported.folder / "lora-q8_0.Modelfile").read_text().splitlines()
+    assert "FROM ./lora-q8_0.gguf" in lines and 'PARAMETER stop "<|endoftext|>"' in lines
+    assert "PARAMETER num_ctx 128" in lines  # GPT-2 has no position past its context
+    assert {"PARAMETER temperature 0.8", "PARAMETER top_p 0.95"} <= set(lines)  # sample.py's defaults
+    assert 'TEMPLATE """{{ .Prompt }}"""' in (exported.folder / "base.Modelfile").read_text()
+
+
+def test_transformers_loads_our_f32_gguf_with_the_same_logits(exported, gguf_read):
+    pytest.importorskip("accelerate", reason="transformers reads GGUF files only with accelerate installed")
+    idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(11))
+    # transformers' GGUF reader takes context_length as n_ctx only: n_positions keeps its 1024 unless given
+    hf = GPT2LMHeadModel.from_pretrained(exported.folder, gguf_file="lora-f32.gguf", n_positions=128).eval()
+    assert max_logit_diff(hf, exported.lora, idx) <= 1e-5  # its own output head (a merged LoRA head) included
+
+
+def test_export_gguf_refuses_bad_input_in_one_line(exported, tmp_path):
+    gpt = exported.base
+    (tmp_path / "taken.gguf").write_bytes(b"my own file")
+    (tmp_path / "a-file").write_text("not a folder")
+    for kwargs, message in ((dict(path=tmp_path / "m.gguf", dtype="q4_0"), "GGUF dtype 'q4_0' is not supported: "
+                             "choose one of f32, f16, q8_0"),
+                            (dict(path=tmp_path / "taken.gguf"), "taken.gguf already exists: choose another name, or "
+                             "overwrite it"),
+                            (dict(path=tmp_path / "m.bin"), "must end in .gguf"),
+                            (dict(path=tmp_path / "a-file" / "m.gguf"), "cannot write"),
+                            (dict(path=tmp_path / "m.gguf", template={"prompt": "no slot"}),
+                             "{instruction} exactly once")):
+        with pytest.raises(ValueError, match="^[^\n]*$") as e:
+            export_gguf(gpt, **kwargs)
+        assert message in str(e.value)
+    assert (tmp_path / "taken.gguf").read_bytes() == b"my own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken.gguf"]  # no half file, no temp file left
+    with pytest.raises(ValueError, match="a text classifier .* is not a language model"):
+        export_gguf(Classifier(GPT(gpt.config), 2), tmp_path / "c.gguf")
+    with pytest.raises(ValueError, match="merge the LoRA adapters first"):
+        export_gguf(add_lora(GPT(gpt.config), 4, 8), tmp_path / "l.gguf")
+    with pytest.raises(ValueError, match="int8"):
+        export_gguf(quantize_int8(GPT(gpt.config)), tmp_path / "i.gguf")
+    broken = GPT(gpt.config)
+    with torch.no_grad():
+        broken.h[1].mlp.c_fc.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="blk.1.ffn_up.weight holds NaN"):
+        export_gguf(broken, tmp_path / "nan.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken.gguf"]
+    export_gguf(gpt, tmp_path / "taken.gguf", overwrite=True)
+    assert (tmp_path / "taken.gguf").read_bytes()[:4] == b"GGUF" and (tmp_path / "taken.Modelfile").exists()
+
+
+def test_command_line_exports_a_finetuned_checkpoint(finetuned, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "load_gpt2.py", f"--model={finetuned}", *args], cwd=HERE,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = tmp_path / "alpaca" / "model.gguf"
+    result = run(f"--export={out}", "--export_dtype=q8_0")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}\nwrote {out.with_suffix('.Modelfile')}" in result.stdout
+    assert out.read_bytes()[:4] == b"GGUF" and chat_template(ALPACA_TEMPLATE).encode() in out.read_bytes()
+    again = run(f"--export={out}")  # refused before the model is loaded
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert again.stderr.startswith(f"error: {out} already exists: choose another name, or overwrite it")
