@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from load_gpt2 import _atomic_write
+from weights import atomic_write
 from model import GPT
 
 EOT = 50256  # <|endoftext|>: GPT-2's only special token, its BOS and EOS
@@ -331,8 +331,8 @@ def export_gguf(model, path, dtype="f16", template=None, overwrite=False):
     table = [(name, list(t.shape), kind, nbytes(t, kind)) for name, t, kind in tensors]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, with_progress(gguf_header(metadata, table), tensors, f"{path.name} ({dtype})"))
-        _atomic_write(modelfile_path(path), [recipe.encode()])
+        atomic_write(path, with_progress(gguf_header(metadata, table), tensors, f"{path.name} ({dtype})"))
+        atomic_write(modelfile_path(path), [recipe.encode()])
     except OSError as e:
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
     return path, modelfile_path(path)

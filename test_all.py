@@ -35,7 +35,8 @@ from data import (ALPACA_TEMPLATE, IGNORE, TextSplit, collate, format_prompt, le
                   load_split, padding_fraction)
 from download import DownloadError
 from generation import TextStream
-from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint, read_safetensors, write_safetensors
+from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
+from weights import read_safetensors, write_safetensors
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
 from prepare import prepare
