@@ -128,12 +128,12 @@ class Split:
         return collate([self.example(i) for i in indices], mask_prompt, device=device)
 
     def eval_batches(self, batch_size, max_batches, mask_prompt, rank=0, world=1, device="cpu"):
-        """(inputs, targets) of the split, or of its first max_batches batches (0: all of it), each process
+        """[(inputs, targets)] of the split, or of its first max_batches batches (0: all of it), each process
         taking every world-th batch. Examples are cut into batches in order of length, so little is padding."""
         order = np.argsort(self.lengths, kind="stable")
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for indices in (batches[:max_batches] if max_batches else batches)[rank::world]:
-            yield self.batch(indices, mask_prompt, device)
+        return [self.batch(indices, mask_prompt, device)
+                for indices in (batches[:max_batches] if max_batches else batches)[rank::world]]
 
 
 class TextSplit:
@@ -166,12 +166,12 @@ class TextSplit:
                                                                                       block_size)]
 
     def eval_batches(self, batch_size, max_batches, block_size, rank=0, world=1, device="cpu"):
-        """(inputs, targets) of the fixed windows, batch_size at a time (the first max_batches batches; 0: all),
+        """[(inputs, targets)] of the fixed windows, batch_size at a time (the first max_batches batches; 0: all),
         each process taking every world-th batch."""
         starts = self.starts(block_size)
         batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-        for batch in (batches[:max_batches] if max_batches else batches)[rank::world]:
-            yield self.stack([self.window(k, start, block_size) for k, start in batch], device)
+        return [self.stack([self.window(k, start, block_size) for k, start in batch], device)
+                for batch in (batches[:max_batches] if max_batches else batches)[rank::world]]
 
 
 # ----------------------------------------------------------------------------- batches

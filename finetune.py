@@ -165,7 +165,8 @@ class Instructions:
         """Every test example answered, beside its reference: out/test_responses.json."""
         records = load_records(self.folder, "test")
         t0 = time.time()
-        answers = answer(gpt, [self.test.prompt(i) for i in range(len(self.test))], max_new_tokens, self.run.autocast)
+        answers = answer(gpt, [self.test.prompt(i) for i in range(len(self.test))], max_new_tokens, self.run.autocast,
+                         what="test answers")
         results = [{**record, "model_response": enc.decode(ids).strip()} for record, ids in zip(records, answers)]
         atomic_write(out / "test_responses.json", [json.dumps(results, indent=1).encode()])
         print(f"wrote {len(results)} answers to {out / 'test_responses.json'} in {time.time() - t0:.0f}s")
@@ -279,7 +280,7 @@ def losses_line(losses):
 def evaluate_only(data, gpt, c, run):
     """eval_only=True: the model's loss and perplexity on the val (and test) split, nothing trained or written."""
     losses = {split: evaluate_loss(gpt, data.eval_batches(getattr(data, split), c.eval_iters if split == "val" else 0),
-                                   run) for split in data.splits[1:]}
+                                   run, f"{split} loss") for split in data.splits[1:]}
     if run.master:
         print(f"{c.model} on {c.dataset}: {losses_line(losses)}")
     finish(run)
@@ -369,7 +370,7 @@ def main(config):
                        "tokens_per_s": tokens / (now - t_last), "ms_per_iter": dt * 1000})
             t_last, last_logged, tokens = time.time(), it, 0
         if it % c.eval_interval == 0 or it == total_iters:
-            val_loss = evaluate_loss(net, data.eval_batches(data.val, c.eval_iters), run)
+            val_loss = evaluate_loss(net, data.eval_batches(data.val, c.eval_iters), run, "val loss")
             if run.master:
                 print(f"iter {it}: {losses_line({'val': val_loss})}")
                 samples = data.show_samples(gpt, c.eval_prompts, min(c.max_new_tokens, 64), enc)
@@ -387,7 +388,7 @@ def main(config):
 
     # the end: the test split's loss and answers (instruction data); a text dataset has its val loss above
     if data.test is not None:
-        test_loss = evaluate_loss(net, data.eval_batches(data.test, 0), run)
+        test_loss = evaluate_loss(net, data.eval_batches(data.test, 0), run, "test loss")
         if run.master:
             print(f"{losses_line({'test': test_loss})} (best val loss {best_val:.4f})")
             log.write({"iter": it, "test_loss": test_loss})

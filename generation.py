@@ -10,6 +10,7 @@ import codecs
 import os
 import re
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -81,20 +82,43 @@ def until_eot(row):
 
 
 @torch.no_grad()
-def answer(model, prompts, max_new_tokens, ctx=None, batch_size=8):
-    """Greedy answers (token lists, without the end-of-text) to prompts (token lists), batched with left
-    padding; greedy outputs of a batch equal those of each prompt alone. ctx: an autocast context, if any."""
+def answer(model, prompts, max_new_tokens, ctx=None, batch_size=8, what="answers"):
+    """Greedy answers (token lists, without the end-of-text) to prompts (token lists), in their order. Prompts of
+    similar length are batched together, left-padded (a batch's greedy outputs equal each prompt's alone), and a
+    batch ends as soon as all its answers have. ctx: an autocast context, if any. Long work shows progress."""
     was_training = model.training
     model.eval()
-    answers = []
-    for i in range(0, len(prompts), batch_size):
-        group = [list(p[-(model.config.block_size - 1):]) for p in prompts[i:i + batch_size]]
-        idx, valid = left_pad(group, model.wte.weight.device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding, and similar answers
+    answers, progress = [None] * len(prompts), Progress(what, len(prompts))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        idx, valid = left_pad([list(prompts[i][-(model.config.block_size - 1):]) for i in batch], model.wte.weight.device)
         with ctx or nullcontext():
             out = model.generate(idx, max_new_tokens, temperature=0, eos_id=EOT, valid=valid)
-        answers += [until_eot(row) for row in out[:, idx.size(1):].tolist()]
+        for i, row in zip(batch, out[:, idx.size(1):].tolist()):
+            answers[i] = until_eot(row)
+        progress.update(len(batch))
     model.train(was_training)
     return answers
+
+
+class Progress:
+    """A line on stderr for work of `total` steps, at most every `every` seconds: what, how far, and an ETA.
+    Work that ends within its first `every` seconds prints nothing."""
+
+    def __init__(self, what, total, every=2.0):
+        self.what, self.total, self.every = what, total, every
+        self.done, self.start = 0, time.time()
+        self.shown = self.start
+
+    def update(self, n=1):
+        self.done += n
+        now = time.time()
+        if now - self.shown >= self.every or (self.done >= self.total and self.shown > self.start):
+            left = (now - self.start) / self.done * (self.total - self.done)
+            print(f"  {self.what}: {self.done}/{self.total}, {now - self.start:.0f}s, ETA {left:.0f}s",
+                  file=sys.stderr, flush=True)
+            self.shown = now
 
 
 class TextStream:

@@ -1543,7 +1543,7 @@ def test_text_windows_are_random_per_process_and_fixed_for_evaluation(tmp_path):
     assert not torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])  # per rank; targets shifted
     starts = train.starts(32)
     assert all(start + 32 < len(train.shards[k]) for k, start in starts)  # every window within its shard
-    x, y = next(train.eval_batches(8, 0, 32))
+    x, y = train.eval_batches(8, 0, 32)[0]
     assert torch.equal(x[0], torch.from_numpy(np.asarray(train.shards[0][:32], np.int64)))
 
 
@@ -1710,6 +1710,54 @@ def test_examples_longer_than_the_models_context_are_refused_before_training(fin
 def test_world_size_without_torchrun_is_one_line(finetune_run):
     result = finetune_run("--out_dir=out/ws", check=False, env={**os.environ, "WORLD_SIZE": "2"})
     assert result.returncode == 2 and "WORLD_SIZE=2 is set but RANK" in result.stderr and "torchrun" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the GPU paths (run where CUDA is)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the CUDA paths (autocast with "
+                                "the scaler, torch.compile, TF32, NCCL, int8 on CUDA) are tested where one is")
+
+
+@needs_cuda
+def test_cuda_training_with_autocast_and_compile_resumes(finetune_run):
+    common = ["--device=cuda", "--compile=True", "--dtype=auto", "--lr=1e-3", "--min_lr=1e-3", "--eval_interval=3",
+              "--eval_prompts=1"]
+    straight = finetune_run(*common, "--max_iters=6", "--out_dir=out/cuda")
+    assert "on cuda:0, autocast torch.bfloat16" in straight.stdout or "autocast torch.float16" in straight.stdout
+    finetune_run(*common, "--max_iters=3", "--out_dir=out/cuda-resumed")
+    finetune_run(*common, "--max_iters=6", "--out_dir=out/cuda-resumed", "--resume=True")
+    one, two = (logged(finetune_run.root / f"out/{d}/log.jsonl") for d in ("cuda", "cuda-resumed"))
+    assert list(one) == list(two) == list(range(1, 7)) and all(np.isfinite(list(one.values())))
+    assert all(abs(one[i] - two[i]) < 1e-2 for i in one)  # compiled GPU kernels need not be bit for bit
+    assert np.mean([one[5], one[6]]) < np.mean([one[1], one[2]])
+
+
+@needs_cuda
+def test_cuda_greedy_generation_equals_cpu_float32_and_int8_runs(tiny):
+    cpu, gpu = load(tiny[1]), load(tiny[1], device="cuda")
+    prompt = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(3))
+    expected = cpu.generate(prompt, 20, temperature=0)
+    assert torch.equal(gpu.generate(prompt.cuda(), 20, temperature=0).cpu(), expected)
+    gpu.compile_decode()
+    assert torch.equal(gpu.generate(prompt.cuda(), 20, temperature=0).cpu(), expected)
+    q = quantize_int8(load(tiny[1], device="cuda"))
+    same = (q.generate(prompt.cuda(), 20, temperature=0).cpu() == expected).float().mean().item()
+    assert same >= 0.8
+
+
+@needs_cuda
+def test_cuda_classifier_trains_and_predicts(classify_run):
+    classify_run("--device=cuda", "--dtype=auto", "--train_subset=32", "--epochs=2", "--lr=1e-3", "--out_dir=out/cuda")
+    predicted = classify_run(f"--model={classify_run.root / 'out/cuda/ckpt.pt'}", "--device=cuda", "--text=hello")
+    assert predicted.stdout.split("\t")[0] in ("ham", "spam")
+
+
+@needs_cuda
+def test_cuda_torchrun_with_nccl_on_one_process(finetune_run):
+    result = finetune_run("--device=auto", "--max_iters=2", "--eval_interval=2", "--out_dir=out/nccl",
+                          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                                    f"--master_port={free_port()}"))
+    assert "1 process(es)" in result.stdout and (finetune_run.root / "out/nccl/ckpt.pt").exists()
 
 
 # ----------------------------------------------------------------------------- classify.py

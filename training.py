@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import fail
 from data import IGNORE, read_meta
 from download import DownloadError
-from generation import device_problem, pick_device
+from generation import Progress, device_problem, pick_device
 from lora import LORA_CHOICES, check_lora_targets
 
 # ----------------------------------------------------------------------------- the run
@@ -499,17 +499,21 @@ def eta(seconds):
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, run):
+def evaluate_loss(model, batches, run, what="loss"):
     """The mean loss per target token over batches of (inputs, targets), whichever process saw which batch:
-    the same number however the split is cut into batches."""
+    the same number however the split is cut into batches. batches may be a list (shows progress) or any
+    iterable."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=run.device, dtype=torch.float64)  # loss summed over tokens, tokens
+    progress = Progress(what, len(batches)) if run.master and hasattr(batches, "__len__") else None
     for x, y in batches:
         with run.autocast:
             _, loss = model(x, y)
         n = (y != IGNORE).sum()
         total += torch.stack([loss.double() * n, n.double()])
+        if progress:
+            progress.update()
     if run.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
