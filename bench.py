@@ -45,6 +45,7 @@ train_batch = 4  # what=train: examples of train_block tokens per step
 train_block = 256  # what=train: tokens per example
 train_rounds = 5  # timed steps per contender (the median counts)
 train_compile = False  # also time our model under torch.compile (compiling takes a minute or two)
+train_dropout = 0.0  # what=train: the dropout of both models (finetune.py's default); like for like
 precisions = ("fp32", "bf16", "int8")  # what=int8: weights as sample.py runs them, compared with fp32
 quality_prompts = 4  # what=int8: random prompts, each continued by quality_tokens greedy tokens
 quality_tokens = 256  # what=int8: greedy tokens per prompt
@@ -161,13 +162,42 @@ def train_step(model, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
 
 
+def matmul_seconds(c, B, T, rounds):
+    """The time the matrix products of one training step take alone, in bf16 as autocast runs them: each Linear's
+    forward product and its two backward ones (input and weight gradients), lm_head's too, and attention's two
+    forward and four backward products per layer. The median of rounds."""
+    M, C, hd = B * T, c.n_embd, c.n_embd // c.n_head
+    linears = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * c.n_layer + [(c.vocab_size, C)]
+    products = [shape for out, inp in linears for shape in ((M, inp, out), (M, out, inp), (out, M, inp))]
+    batched = [(B * c.n_head, T, hd, T), (B * c.n_head, T, T, hd)] * 3 * c.n_layer  # q k^T, att v: fwd and 2 bwd
+    operands = [(torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)) for m, k, n in products]
+    operands += [(torch.randn(b, m, k, dtype=torch.bfloat16), torch.randn(b, k, n, dtype=torch.bfloat16))
+                 for b, m, k, n in batched]
+    times = []
+    for _ in range(rounds + 1):  # the first warms up
+        start = time.perf_counter()
+        for a, b in operands:
+            torch.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def cpu_name():
+    """The CPU's model name and core count, for every table (Linux)."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def reference_train_setup(folder):
     """transformers' GPT2LMHeadModel (saved in folder) and its training step: bf16 autocast, fused AdamW."""
     import transformers
     from transformers import GPT2LMHeadModel
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    ref = GPT2LMHeadModel.from_pretrained(folder).train()
+    ref = GPT2LMHeadModel.from_pretrained(folder).train()  # its config.json holds the dropout: the same as ours
     x = torch.randint(0, 50257, (train_batch, train_block), generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
@@ -201,13 +231,14 @@ def bench_train():
     transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
     folder = tempfile.mkdtemp()
-    GPT2LMHeadModel(GPT2Config(n_positions=1024)).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(n_positions=1024, resid_pdrop=train_dropout, embd_pdrop=train_dropout,
+                               attn_pdrop=train_dropout)).save_pretrained(folder)
     # started before this process changes its malloc settings; spawn: a fresh interpreter with glibc's defaults
     conn, child_conn = multiprocessing.get_context("spawn").Pipe()
     child = multiprocessing.get_context("spawn").Process(target=reference_train_process, args=(folder, child_conn))
     child.start()
     keep_freed_memory()  # what finetune.py does; the in-process reference gets it too
-    ours = load_gpt2(folder).train()
+    ours = load_gpt2(folder, dropout=train_dropout).train()
     x = torch.randint(0, 50257, (train_batch, train_block), generator=torch.Generator().manual_seed(seed))
     y = torch.cat([x[:, 1:], torch.full((train_batch, 1), -100)], dim=1)
     our_opt = make_optimizer(ours, 1e-4, 0.1, (0.9, 0.95), "cpu")
@@ -236,15 +267,18 @@ def bench_train():
     conn.send(False)
     child.join()
     shutil.rmtree(folder, ignore_errors=True)
+    matmuls = matmul_seconds(ours.config, train_batch, train_block, train_rounds)
     tokens = train_batch * train_block
     print(f"\ntraining step (forward, backward, AdamW), gpt2 (124M) config, batch {train_batch} x {train_block} "
-          f"tokens, bf16 autocast, fused AdamW, {torch.get_num_threads()} threads, median of {train_rounds}")
-    print(f"  {'':<48} {'ms/step':>8} {'tok/s':>7}  {'vs in-process':>13}  {'vs own process':>14}")
+          f"tokens, dropout {train_dropout} on both sides, bf16 autocast, fused AdamW, {torch.get_num_threads()} "
+          f"threads, median of {train_rounds}; {cpu_name()}")
+    print(f"  {'':<48} {'ms/step':>8} {'tok/s':>7}  {'vs in-process':>13}  {'vs own process':>14}  {'/ matmuls':>9}")
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name, took in medians.items():
         print(f"  {name:<48} {took * 1000:>8.0f} {tokens / took:>7.0f}  "
               f"{medians['transformers, in this process (malloc tuned)'] / took:>12.2f}x  "
-              f"{medians['transformers, own process (malloc as is)'] / took:>13.2f}x")
+              f"{medians['transformers, own process (malloc as is)'] / took:>13.2f}x  {took / matmuls:>8.2f}x")
+    print(f"  {'the same matrix products alone (bf16)':<48} {matmuls * 1000:>8.0f}")
 
 
 @torch.no_grad()
