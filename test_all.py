@@ -16,8 +16,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,18 +33,19 @@ import prepare as pp
 import readers
 from classify import (Classifier, LabelledSplit, collate_labelled, freeze, head_trains_unless_adapted, load_classifier,
                       pool)
-from configurator import configure
+from configurator import config_keys, configure
 from data import (ALPACA_TEMPLATE, IGNORE, TextSplit, collate, format_prompt, length_grouped_batches, load_records,
                   load_split, padding_fraction)
 from download import DownloadError
+from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template
 from generation import TextStream
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
-from weights import read_safetensors, write_safetensors
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
 from prepare import prepare
 from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
 from training import Run, RunLog, evaluate_loss, lora_settings, make_optimizer, read_log, save_atomic, trainable_line
+from weights import read_safetensors, write_safetensors
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -2462,11 +2466,426 @@ def test_chat_answers_each_line_and_forgets_on_reset(tiny, finetuned, enc):
     assert ok(eof).count("> ") == 2
 
 
+# ----------------------------------------------------------------------------- serve.py
+
+
+
+
+def start_server(model, **settings):
+    """serve.py's server for model, listening on a free 127.0.0.1 port and serving from a thread of this process;
+    server.url is its address. Settings as on the command line (max_batch=1, api_key=...)."""
+    import serve
+    c = SimpleNamespace(**{**config_keys(vars(serve)), "model": str(model), "port": 0, **settings})
+    server = serve.make_server(c)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server
+
+
+def stop_server(server):
+    server.shutdown()
+    server.stop(cancel=True)
+
+
+@pytest.fixture(scope="module")
+def api(finetuned):
+    """The tiny model behind serve.py, from a checkpoint that carries the Alpaca template (so chats use it)."""
+    server = start_server(finetuned, max_batch=8, max_queue=16)
+    yield server
+    stop_server(server)
+
+
+def openai_client(server, key="none"):
+    openai = pytest.importorskip("openai", reason="the official OpenAI client: pip install -r requirements-dev.txt")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def http(server, path, body=None, headers=None, method=None):
+    """(status, JSON body) of one plain HTTP request; body: a dict (sent as JSON) or bytes."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method or ("GET" if body is None else "POST"), path, body=data, headers=headers)
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    assert b"Traceback" not in raw
+    return response.status, json.loads(raw)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def streamed_pieces(enc, tokens):
+    """What sample.py's TextStream prints for each token in turn (whole UTF-8 characters), empty ones left out."""
+    out = io.StringIO()
+    text, pieces = TextStream(enc, out=out), []
+    for token in tokens:
+        before = out.getvalue()
+        text.add(token)
+        pieces.append(out.getvalue()[len(before):])
+    before = out.getvalue()
+    text.finish()
+    pieces[-1] += out.getvalue()[len(before):]
+    return [p for p in pieces if p]
+
+
+def batch_sizes(server, monkeypatch):
+    """Record, at every step of server's engine, how many rows it generates together and how many were already
+    running when rows joined them."""
+    seen = {"step": [], "join": []}
+    engine = server.engine
+    step, join = engine.step, engine.join
+
+    def counted_step():
+        seen["step"].append(len(engine.rows))
+        step()
+
+    def counted_join(rows):
+        seen["join"].append(len(engine.rows))
+        join(rows)
+    monkeypatch.setattr(engine, "step", counted_step)
+    monkeypatch.setattr(engine, "join", counted_join)
+    return seen
+
+
+def test_serve_completes_like_model_generate_streamed_or_not(api, tiny, enc):
+    ours = load(tiny[1])
+    client = openai_client(api)
+    assert [m.id for m in client.models.list()] == [api.model_name] == [client.models.retrieve(api.model_name).id]
+    ids = enc.encode_ordinary(PROMPT)
+    tokens = greedy_ids(ours, ids, 24)
+    finish = "length" if len(tokens) == 24 else "stop"
+    done = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].text == enc.decode(tokens)
+    assert done.choices[0].finish_reason == finish
+    generated = len(tokens) + (finish == "stop")  # the end-of-text is generated too
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (
+        len(ids), generated, len(ids) + generated)
+    chunks = list(client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=24, temperature=0,
+                                            stream=True))
+    assert [c.choices[0].text for c in chunks if c.choices[0].text] == streamed_pieces(enc, tokens)
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + [finish]
+    as_ids = client.completions.create(model=api.model_name, prompt=ids, max_tokens=24, temperature=0)
+    assert as_ids.choices[0].text == done.choices[0].text  # a prompt of token ids is the same prompt
+
+
+def test_serve_chat_folds_the_conversation_into_the_checkpoint_template(api, tiny, enc):
+    """As sample.py --chat folds its turns (test_chat_answers_each_line_and_forgets_on_reset): each question in the
+    Alpaca template, each answer closed by <|endoftext|>; a system message is plain text before the turns."""
+    ours = load(tiny[1])
+    client = openai_client(api)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Name a fruit."}]
+    ids = (enc.encode_ordinary("Be brief.\n\n") + enc.encode_ordinary(format_prompt("Name a color.")) +
+           enc.encode_ordinary("Blue.") + [EOT] + enc.encode_ordinary(format_prompt("Name a fruit.")))
+    want = enc.decode(greedy_ids(ours, ids, 16))
+    done = client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=16, temperature=0)
+    assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == want and done.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model=api.model_name, messages=messages, max_completion_tokens=16,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_serve_seeded_samples_equal_sample_py_with_that_seed(api, tiny, capsys, monkeypatch):
+    """Two prompts x n=2, generated as one batch: text j of a prompt is sample.py's for that prompt with seed 7 + j."""
+    import sample as sample_py
+    seen = batch_sizes(api, monkeypatch)
+    prompts = [PROMPT, "Once upon a time, in a land far away,"]
+    done = openai_client(api).completions.create(model=api.model_name, prompt=prompts, n=2, seed=7, temperature=1.0,
+                                                 top_p=0.9, max_tokens=20)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3] and max(seen["step"]) == 4
+    texts = [c.text for c in done.choices]
+    assert len(set(texts)) == 4
+    for i, text in enumerate(texts):
+        settings = dict(model=str(tiny[1]), prompt=prompts[i // 2], seed=7 + i % 2, temperature=1.0, top_p=0.9,
+                        max_new_tokens=20)
+        sample_py.main({**config_keys(vars(sample_py)), **settings})
+        assert capsys.readouterr().out == prompts[i // 2] + text + "\n"
+
+
+def test_serve_stop_strings_and_n(api, tiny, enc):
+    ours = load(tiny[1])
+    client = openai_client(api)
+    full = enc.decode(greedy_ids(ours, enc.encode_ordinary(PROMPT), 30))
+    stop = full[8:12]  # in the middle of the text; the text ends before its first occurrence
+    want = full[:full.index(stop)]
+    done = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=30, temperature=0, n=3,
+                                      stop=["never in the text", stop])
+    assert [(c.text, c.finish_reason) for c in done.choices] == [(want, "stop")] * 3
+    streamed = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=30, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_serve_sixteen_concurrent_clients_each_get_their_own_answer(api, tiny, enc, monkeypatch):
+    ours = load(tiny[1])
+    client = openai_client(api)
+    seen = batch_sizes(api, monkeypatch)
+    prompts = [f"Question {i}:" + " why" * i for i in range(16)]  # distinct, of 3 to 18 tokens
+    lengths = [4 + i for i in range(16)]  # rows leave at different steps, and waiting rows take their places
+    prompts[0], lengths[1] = " ".join(["because"] * 100), 100  # these two never fit in the 128-token context together
+
+    def ask(i):
+        kwargs = dict(model=api.model_name, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True))
+        return client.completions.create(**kwargs).choices[0].text
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert answers == [enc.decode(greedy_ids(ours, enc.encode_ordinary(p), n)) for p, n in zip(prompts, lengths)]
+    assert max(seen["step"]) == 8 and max(seen["join"]) > 0  # a full batch, and rows joined a running one
+    assert http(api, "/health")[1] == {"status": "ok", "model": api.model_name, "generating": 0, "waiting": 0}
+
+
+def test_serve_long_prompt_is_cut_from_the_left_and_the_answer_says_so(api, tiny, enc):
+    ours = load(tiny[1])
+    words = " ".join(f"word{i}" for i in range(200))  # ~400 tokens; the tiny context is 128
+    ids = enc.encode_ordinary(words)
+    status, body = http(api, "/v1/completions", {"prompt": words, "max_tokens": 20, "temperature": 0})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 108
+    assert body["warnings"] == [f"the prompt is {len(ids)} tokens: only its last 108 are kept, so that "
+                                "max_new_tokens=20 fit in the 128-token context"]
+    assert body["choices"][0]["text"] == enc.decode(greedy_ids(ours, ids[-108:], 20))
+
+
+@pytest.mark.parametrize("path, body, status, param, why", [
+    ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, None, "must be a JSON object"),
+    ("/v1/completions", b"\xff\xfe", 400, None, "not valid JSON"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 400, "model", "is not served here"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt", "prompt must be a text"),
+    ("/v1/completions", {}, 400, "prompt", "prompt must be a text"),
+    ("/v1/completions", {"prompt": [1, 50257]}, 400, "prompt", "each from 0 to 50256"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens", "a whole number from 1 to 128"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 129}, 400, "max_tokens", "from 1 to 128"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "from 1 to 128"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, 400, "temperature", "from 0 to 2"),
+    ("/v1/completions", {"prompt": "hi", "temperature": True}, 400, "temperature", "from 0 to 2"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "above 0"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 0}, 400, "top_k", "at least 1"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "from 1 to 16"),
+    ("/v1/completions", {"prompt": "hi", "n": 1.5}, 400, "n", "from 1 to 16"),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 6}, 400, "n", "more than max_n=16"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed", "from 0 to"),
+    ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", 1]}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", "true or false"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "user"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "user"}]}, 400,
+     "messages[1].content", "must be text"),
+    ("/v1/embeddings", {"input": "hi"}, 404, None, "no POST /v1/embeddings"),
+])
+def test_serve_rejects_bad_input_with_an_openai_error_naming_the_field(api, path, body, status, param, why):
+    got, answer = http(api, path, body)
+    assert got == status and answer["error"]["param"] == param and why in answer["error"]["message"]
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_serve_refuses_oversized_unframed_and_non_json_bodies_and_the_client_sees_the_field(api):
+    # answered from the headers, before any of the body is read (a client still sending it would see a broken pipe)
+    status, answer = http(api, "/v1/completions", b"", {"Content-Length": str(api.c.max_body + 1)})
+    assert status == 413 and "max_body" in answer["error"]["message"]
+    status, answer = http(api, "/v1/completions", iter([b'{"prompt": "hi"}']), {"Transfer-Encoding": "chunked"})
+    assert status == 411
+    status, answer = http(api, "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"})
+    assert status == 415 and "Content-Type: application/json" in answer["error"]["message"]
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as error:
+        openai_client(api).completions.create(model=api.model_name, prompt="hi", temperature=7)
+    assert error.value.param == "temperature"
+
+
+def test_serve_answers_429_past_the_queue_limit(tiny):
+    server = start_server(tiny[1], max_batch=1, max_queue=2)
+    gate, entered, real = threading.Event(), threading.Event(), server.gpt.next_logits
+
+    def held(*args):  # the first request stops in its prefill until the gate opens
+        entered.set()
+        gate.wait(30)
+        return real(*args)
+    server.gpt.next_logits = held
+    results = []
+    body = {"prompt": "hi", "max_tokens": 3}
+    threads = [threading.Thread(target=lambda: results.append(http(server, "/v1/completions", body))) for _ in range(3)]
+    try:
+        threads[0].start()
+        assert entered.wait(10)
+        for t in threads[1:]:
+            t.start()
+        wait_until(lambda: http(server, "/health")[1]["waiting"] == 2)
+        status, answer = http(server, "/v1/completions", body)
+        assert status == 429 and answer["error"]["type"] == "rate_limit_error" and "max_queue" in answer["error"]["message"]
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(30)
+        stop_server(server)
+    assert [status for status, _ in results] == [200, 200, 200]
+
+
+def test_serve_needs_the_api_key_when_one_is_set(tiny):
+    openai = pytest.importorskip("openai")
+    server = start_server(tiny[1], api_key="open sesame")
+    try:
+        status, answer = http(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 401 and answer["error"]["type"] == "authentication_error"
+        assert http(server, "/v1/models")[0] == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(server, "open says me").models.list()
+        done = openai_client(server, "open sesame").completions.create(model=server.model_name, prompt="hi", max_tokens=2)
+        assert done.usage.completion_tokens >= 1
+        assert http(server, "/health")[0] == 200  # the page and the health check need no key
+    finally:
+        stop_server(server)
+
+
+def read_events(sock, until="[DONE]"):
+    """The data of the server-sent events read from sock, up to the one that contains until, or to the end of
+    the connection."""
+    data, events = b"", []
+    while not (events and until in events[-1]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        events = [line[6:] for line in data.decode(errors="replace").splitlines() if line.startswith("data: ")]
+    return events
+
+
+def open_stream(port, body, stream=True):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    data = json.dumps({**body, "stream": stream}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_serve_client_hanging_up_frees_its_row_at_once(api, monkeypatch):
+    real = api.gpt.next_logits
+
+    def slow(*args):  # 20 ms a step: 100 tokens take 2 s
+        time.sleep(0.02)
+        return real(*args)
+    monkeypatch.setattr(api.gpt, "next_logits", slow)
+    for stream in (True, False):  # mid-stream, or while waiting for the whole answer
+        sock = open_stream(api.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0}, stream)
+        if stream:
+            assert read_events(sock, until='"finish_reason": null')
+        wait_until(lambda: http(api, "/health")[1]["generating"] == 1)
+        sock.close()
+        hung_up = time.time()
+        wait_until(lambda: http(api, "/health")[1]["generating"] == 0, timeout=1.5)
+        assert time.time() - hung_up < 0.5
+
+
+def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
+    """Ctrl-C: the listening socket closes, the text being generated is finished, the one waiting is answered
+    503, and the process exits 0."""
+    reference_model(n_positions=1024).save_pretrained(tmp_path)  # room for 1,000 tokens: a stream to interrupt
+    env = {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--model={tmp_path}", "--port=0", "--max_batch=1"],
+                            cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stderr.readline()).group(1))
+        server = type("Address", (), {"server_address": ("127.0.0.1", port)})
+        sock = open_stream(port, {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
+        first = read_events(sock, until='"finish_reason": null')
+        waiting = []
+        behind = threading.Thread(target=lambda: waiting.append(http(server, "/v1/completions", {"prompt": "hi"})))
+        behind.start()
+        wait_until(lambda: http(server, "/health")[1]["waiting"] == 1)
+        proc.send_signal(2)
+        rest = read_events(sock)
+        behind.join(30)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    chunks = [json.loads(e) for e in first + rest[:-1]]
+    assert rest[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert waiting[0][0] == 503 and "shutting down" in waiting[0][1]["error"]["message"]
+    log = proc.stderr.read()
+    assert "stopping: new requests are refused" in log and log.rstrip().endswith("stopped") and "Traceback" not in log
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_serve_stopped_with_cancel_ends_the_texts_being_generated(tiny):
+    """What a second Ctrl-C does: a stream being generated ends at once with an error event."""
+    server = start_server(tiny[1])
+    real = server.gpt.next_logits
+
+    def slow(*args):  # 20 ms a step: 100 tokens take 2 s
+        time.sleep(0.02)
+        return real(*args)
+    server.gpt.next_logits = slow
+    sock = open_stream(server.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
+    assert read_events(sock, until='"finish_reason": null')
+    started = time.time()
+    server.shutdown()
+    server.stop(cancel=True)
+    events = read_events(sock, until='"error"')
+    assert "this request was cancelled" in events[-1] and time.time() - started < 1.5
+    assert not server.engine.thread.is_alive() and server.in_flight == 0
+
+
+def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser (requirements-dev)")
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium): the chat page is not tested")
+    ours = load(tiny[1])
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 560})
+            page.goto(f"{api.url}/")
+            page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(api.model_name)}")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "24")
+            # count the answer's changes as they happen: a streamed answer grows in several steps
+            page.evaluate("""window.changes = 0; new MutationObserver(() => window.changes++)
+                             .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})""")
+            page.fill("#input", "Name a color.")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelector('.meta') && /stop|length/.test(document.querySelector('.meta').textContent)")
+            answer, changes = page.text_content(".assistant"), page.evaluate("window.changes")
+            page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    assert answer == enc.decode(greedy_ids(ours, enc.encode_ordinary(format_prompt("Name a color.")), 24))
+    assert changes > 5 and (tmp_path / "chat.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_help_and_bad_settings_are_one_line(api, tiny, capsys):
+    import serve
+    test_help_explains_every_setting_with_its_default("serve.py")
+    for settings, whys in [(dict(max_batch=0, template="chatml", port=70000),  # found before anything is loaded
+                            ["max_batch=0 must be at least 1", "template='chatml' must be one of", "port=70000 must be"]),
+                           (dict(model=str(tiny[1]), port=api.server_address[1]),  # a port in use
+                            [f"cannot listen on 127.0.0.1:{api.server_address[1]} (Address already in use)"])]:
+        with pytest.raises(SystemExit) as stopped:
+            serve.main({**config_keys(vars(serve)), **settings})
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1 and all(why in err for why in whys), err
+
+
 # ----------------------------------------------------------------------------- GGUF: llama.cpp and Ollama
 
-from types import SimpleNamespace  # noqa: E402
 
-from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template  # noqa: E402
 
 # the tokenizer's hard cases: runs of spaces and newlines, tabs, emoji (one character, several tokens), CJK,
 # contractions, digit runs, and the end-of-text marker written as plain text
