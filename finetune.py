@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from configurator import checked, configure, fail
 from data import Split, length_grouped_batches, load_records, padding_fraction, tokenizer
+from download import sha256_of
 from generation import answer
 from load_gpt2 import load_gpt2, model_from_checkpoint
 from lora import add_lora
@@ -158,12 +159,16 @@ def show_answers(model, split, n, max_new_tokens, run, enc):
     return shown
 
 
-def write_test_responses(model, split, folder, out, max_new_tokens, run, enc):
+def write_test_responses(model, split, folder, out, max_new_tokens, run, enc, ckpt_path, it):
     records = load_records(folder, "test")
     t0 = time.time()
     answers = answer(model, [split.prompt(i) for i in range(len(split))], max_new_tokens, run.autocast)
     results = [{**record, "model_response": enc.decode(ids).strip()} for record, ids in zip(records, answers)]
     (out / "test_responses.json").write_text(json.dumps(results, indent=1))
+    # which checkpoint gave these answers, and how: evaluate.py reuses them only for that very file
+    info = {"checkpoint": ckpt_path.name, "sha256": sha256_of(ckpt_path), "iter_num": it,
+            "max_new_tokens": max_new_tokens, "decoding": "greedy", "autocast": str(run.amp_dtype)}
+    (out / "test_responses.meta.json").write_text(json.dumps(info, indent=1))
     print(f"wrote {len(results)} answers to {out / 'test_responses.json'} in {time.time() - t0:.0f}s")
 
 
@@ -266,8 +271,9 @@ def main(config):
         print(f"test loss {test_loss:.4f} (best val loss {best_val:.4f})")
         log.write({"iter": it, "test_loss": test_loss})
         if c.test_responses:
-            write_test_responses(gpt, test, folder, out, c.max_new_tokens, run, enc)
+            write_test_responses(gpt, test, folder, out, c.max_new_tokens, run, enc, ckpt_path, it)
         plot(log.records, out / "loss.png", "iter", {"loss": "train", "val_loss": "val"}, "loss")
+        print(f"evaluate it: python evaluate.py --model={ckpt_path} --baseline={c.model} --out_dir={out / 'eval'}")
     finish(run)
 
 
