@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from configurator import checked, configure, fail
 from data import Split, collate, load_records, tokenizer
 from download import DownloadError, sha256_of
 from generation import answer, pick_device, target_logprobs, weights_dtype
-from judge import Cache, Judge, JudgeError, pair_job, score_job
+from judge import Cache, Judge, JudgeError, compare_answers, score_answers
 from load_gpt2 import cache_dir, load_model
 from metrics import answer_metrics, bootstrap_ci, mean_ci
 from prepare import prepare
@@ -56,7 +55,7 @@ judge_timeout = 120.0  # seconds to wait for the judge's reply
 judge_retries = 4  # attempts per request on a dropped connection, a timeout, 429 or 5xx (the wait doubles)
 judge_max_tokens = 16  # the longest reply asked of the judge (an integer is 1-3 tokens)
 judge_cache = ""  # append-only file of the judge's replies; empty: <NANOFT_CACHE or ~/.cache/nanoft>/judge.jsonl
-hellaswag = False  # HellaSwag validation accuracy (downloads 11 MB once)
+hellaswag = False  # HellaSwag validation accuracy (its 10,042-example file is downloaded once)
 hellaswag_style = "harness"  # harness (lm-evaluation-harness's numbers) or completion (llm.c / build-nanogpt's)
 hellaswag_url = hs.VAL_URL  # the HellaSwag .jsonl: a URL (downloaded once, checked) or a local file
 bootstrap = 1000  # resamples for the bootstrap 95% confidence intervals
@@ -96,25 +95,21 @@ class Progress:
     """'what: done/total (pct) | rate | ETA' on stderr: in place on a terminal, a line every 5 s in a log."""
 
     def __init__(self, what, total, unit="examples"):
-        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self.what, self.total, self.unit, self.done, self.tty = what, total, unit, 0, sys.stderr.isatty()
         self.start = self.shown = time.time()
-        self.tty = sys.stderr.isatty()
-        self.show()
+        self.update(0)
 
     def update(self, n=1):
-        self.done += n
-        if self.done >= self.total or time.time() - self.shown > (0.5 if self.tty else 5):
-            self.show()
-
-    def show(self):
-        elapsed = time.time() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = f"ETA {clock((self.total - self.done) / rate)}" if rate else "ETA ?"
-        end = self.done >= self.total
-        line = (f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%) | "
-                f"{rate:.2f}/s | " + (f"done in {clock(elapsed)}" if end else left))
-        print(("\r" if self.tty else "") + line, end="\n" if end or not self.tty else "", file=sys.stderr, flush=True)
-        self.shown = time.time()
+        self.done, now, end = self.done + n, time.time(), self.done + n >= self.total
+        if n and not end and now - self.shown < (0.5 if self.tty else 5):
+            return
+        rate = self.done / max(now - self.start, 1e-9)
+        when = f"done in {clock(now - self.start)}" if end else f"ETA {clock((self.total - self.done) / rate)}" \
+            if self.done else "ETA ?"
+        print(f"{chr(13) if self.tty else ''}{self.what}: {self.done}/{self.total} {self.unit} "
+              f"({100 * self.done / max(self.total, 1):.0f}%) | {rate:.2f}/s | {when}",
+              end="\n" if end or not self.tty else "", file=sys.stderr, flush=True)
+        self.shown = now
 
 
 def clock(seconds):
@@ -192,36 +187,40 @@ def generate_answers(model, split, indices, max_new_tokens, batch_size, progress
 
 
 def saved_answers(name, records, max_new_tokens):
-    """finetune.py's test_responses.json beside a checkpoint, if its answers are this checkpoint's (the sha256
-    in test_responses.meta.json), for these records, with this max_new_tokens; else None, saying why."""
+    """finetune.py's answers in test_responses.json beside a checkpoint, if test_responses.meta.json says they
+    are this very file's (its sha256), to these records, with this max_new_tokens; else None, saying why."""
     path = Path(name)
     saved, info_path = path.with_name("test_responses.json"), path.with_name("test_responses.meta.json")
     if not (path.is_file() and saved.exists()):
         return None
     try:
         info, responses = json.loads(info_path.read_text()), json.loads(saved.read_text())
-        why = (f"it was written by {info['checkpoint']}, not {path.name}" if info["checkpoint"] != path.name else
-               f"it has max_new_tokens={info['max_new_tokens']} (not {max_new_tokens})"
-               if info["max_new_tokens"] != max_new_tokens else None)
-        keys = ("instruction", "input", "output")
-        if not why and (len(responses) < len(records) or
-                        any(any(r.get(k) != rec[k] for k in keys) for r, rec in zip(responses, records))):
-            why = "its records are not this test split's"
-        if not why:
-            print(f"checking that {saved} is {path}'s (sha256 of {path.stat().st_size / 1e9:.1f} GB)",
-                  file=sys.stderr)
-            if sha256_of(path) != info["sha256"]:
-                why = f"{path} changed since (it was written at iteration {info.get('iter_num')})"
-        texts = [r["model_response"] for r in responses[:len(records)]]
-        if not why and not all(isinstance(t, str) for t in texts):
-            why = "its model_response entries are not all text"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        why = f"it cannot be read with {info_path.name} ({e.__class__.__name__}: {e})"
+        why = why_not_reused(path, info, responses, records, max_new_tokens)
+    except FileNotFoundError:
+        why = f"there is no {info_path.name} beside it to say which checkpoint wrote it"
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        why = f"it cannot be read ({e.__class__.__name__}: {e})"
     if why:
         print(f"not reusing {saved}: {why}; generating the answers", file=sys.stderr)
         return None
     print(f"reusing the answers in {saved} (iteration {info.get('iter_num')}, sha256 {info['sha256'][:12]}...)")
-    return texts
+    return [r["model_response"] for r in responses[:len(records)]]
+
+
+def why_not_reused(path, info, responses, records, max_new_tokens):
+    if info.get("checkpoint") != path.name:
+        return f"it was written by {info.get('checkpoint')}, not {path.name}"
+    if info.get("max_new_tokens") != max_new_tokens:
+        return f"it has max_new_tokens={info.get('max_new_tokens')} (not {max_new_tokens})"
+    if len(responses) < len(records) or any(r.get(k) != rec[k] for r, rec in zip(responses, records)
+                                            for k in ("instruction", "input", "output")):
+        return "its records are not this test split's"
+    if not all(isinstance(r.get("model_response"), str) for r in responses[:len(records)]):
+        return "its model_response entries are not all text"
+    print(f"checking that {path} wrote it (sha256 of {path.stat().st_size / 1e6:,.0f} MB)", file=sys.stderr)
+    if sha256_of(path) != info.get("sha256"):
+        return f"{path} has changed since it answered (at iteration {info.get('iter_num')})"
+    return None
 
 
 def evaluate_answers(gpt, name, c, folder, records):
@@ -232,9 +231,9 @@ def evaluate_answers(gpt, name, c, folder, records):
     if texts is None:
         progress = Progress(f"{name}: answering", len(indices))
         texts, source = generate_answers(gpt, split, indices, c.max_new_tokens, c.batch_size, progress), "generated"
-    examples = [{"answer": t, "loss": l / max(n, 1), "tokens": n, **answer_metrics(t, r["output"])}
+    examples = [{"answer": t, "loss": l / n if n else None, "tokens": n, **answer_metrics(t, r["output"])}
                 for t, l, n, r in zip(texts, nll, tokens, records)]
-    loss = sum(nll) / sum(tokens)
+    loss = sum(nll) / sum(tokens) if sum(tokens) else float("nan")  # per token: longer answers weigh more
     ci = bootstrap_ci(nll, tokens, c.bootstrap, c.seed)
     summary = {"n": len(records), "answers_from": source, "response_tokens": sum(tokens),
                "loss": {"mean": loss, "ci95": ci, "n": len(records)},
@@ -245,27 +244,28 @@ def evaluate_answers(gpt, name, c, folder, records):
     return {"summary": summary, "examples": examples}
 
 
-def evaluate_hellaswag(gpt, name, c):
+def hellaswag_examples(c):
+    """The HellaSwag examples to score (the first limit of them), or a one-line error."""
     try:
-        examples = hs.load_hellaswag(c.hellaswag_url, cache_dir())
+        examples = hs.load_hellaswag(c.hellaswag_url, cache_dir(), c.hellaswag_style)
     except (ValueError, OSError, DownloadError) as e:
         fail(f"HellaSwag from {c.hellaswag_url}: {e}")
-    examples = examples[:c.limit] if c.limit else examples
+    return examples[:c.limit] if c.limit else examples
+
+
+def evaluate_hellaswag(gpt, name, c, examples):
     progress, results = Progress(f"{name}: HellaSwag ({c.hellaswag_style})", len(examples)), []
-    try:
-        for result in hs.score(gpt, examples, c.hellaswag_style, c.batch_size):
-            results.append(result)
-            progress.update()
-    except ValueError as e:
-        fail(f"HellaSwag: {e}")
+    for result in hs.score(gpt, examples, c.hellaswag_style, c.batch_size):
+        results.append(result)
+        progress.update()
     summary = {**hs.accuracy(results), "style": c.hellaswag_style}
     for key, pred in (("acc", "pred"), ("acc_norm", "pred_norm")):
         summary[f"{key}_ci95"] = bootstrap_ci([r[pred] == r["label"] for r in results], None, c.bootstrap, c.seed)
     return {"summary": summary, "examples": results}
 
 
-def evaluate(name, c, data, gpt_info=None):
-    """Everything asked for, for one model: {'model', 'info', 'answers', 'hellaswag'}."""
+def evaluate(name, c, data, swag, gpt_info=None):
+    """Everything asked for, for one model: {'model', 'parameters', 'answers', 'hellaswag'}."""
     gpt, info = gpt_info or load(name, c.device, c.dtype)
     result = {"model": name, "parameters": gpt.num_params(), "answers": None, "hellaswag": None}
     if info.get("config"):
@@ -273,7 +273,7 @@ def evaluate(name, c, data, gpt_info=None):
     if c.answers:
         result["answers"] = evaluate_answers(gpt, name, c, *data)
     if c.hellaswag:
-        result["hellaswag"] = evaluate_hellaswag(gpt, name, c)
+        result["hellaswag"] = evaluate_hellaswag(gpt, name, c, swag)
     return result
 
 
@@ -294,65 +294,50 @@ def start_judge(c):
     return judge
 
 
-def run_jobs(judge, jobs, what, concurrency):
-    """{index: Verdict} of the jobs, with progress; a judge that stops answering is a one-line error."""
-    verdicts, progress = {}, Progress(what, len(jobs), "requests")
+def asking(judge, what, n, ask):
+    """ask(on_each) with progress; a judge that stops answering is a one-line error, Ctrl-C leaves at once."""
+    progress = Progress(what, n, "requests")
     try:
-        for i, verdict in judge.run(jobs, concurrency):
-            verdicts[i] = verdict
-            progress.update()
+        return ask(progress.update)
     except JudgeError as e:
         fail(str(e), status=1)
-    except KeyboardInterrupt:  # requests in flight would hold the exit for up to judge_timeout: leave now
-        print(f"\ninterrupted: {len(verdicts)} verdicts are cached in {judge.cache.path}; run the same command "
-              f"again to go on from there", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # requests in flight would hold the exit for up to judge_timeout
+        print(f"\ninterrupted: the verdicts so far are cached in {judge.cache.path}; run the same command again "
+              f"to go on from there", file=sys.stderr, flush=True)
         os._exit(130)
-    return verdicts
 
 
-def judge_scores(judge, records, results, c):
-    """Put the judge's 0-100 score into every example of every model's answers; summarize them."""
-    jobs, where = [], []
-    for result in results:
-        for i, (record, ex) in enumerate(zip(records, result["answers"]["examples"])):
-            if ex["answer"]:  # the book scores an empty answer 0 without asking
-                jobs.append(score_job(record["instruction"], record["input"], record["output"], ex["answer"]))
-                where.append(ex)
-            else:
-                ex.update(judge=0, judge_reply="", reasked=False)
-    for i, v in run_jobs(judge, jobs, f"judge {c.judge}: scores", c.judge_concurrency).items():
-        where[i].update(judge=v.value, judge_reply=v.text, reasked=v.reasked)
-    for result in results:
-        examples = result["answers"]["examples"]
-        scores = [e["judge"] for e in examples if e["judge"] is not None]
-        result["answers"]["summary"]["judge"] = {
-            **mean_ci(scores, c.bootstrap, c.seed), "judge": c.judge, "unparsable": len(examples) - len(scores),
-            "reasked": sum(e["reasked"] for e in examples), "empty_answers": sum(not e["answer"] for e in examples)}
+def judge_scores(judge, records, result, c):
+    """The judge's 0-100 score of each of a model's answers, into its examples and summary."""
+    examples = result["answers"]["examples"]
+    answers = [e["answer"] for e in examples]
+    got = asking(judge, f"{result['model']}: judge {c.judge}", sum(map(bool, answers)),
+                 lambda on_each: score_answers(judge, records, answers, c.judge_concurrency, on_each))
+    for e, v in zip(examples, got):
+        e.update(judge=v.value, judge_reply=v.text, reasked=v.reasked)
+    scores = [v.value for v in got if v.value is not None]
+    result["answers"]["summary"]["judge"] = {
+        **mean_ci(scores, c.bootstrap, c.seed), "judge": c.judge, "unparsable": len(got) - len(scores),
+        "reasked": sum(v.reasked for v in got), "empty_answers": answers.count("")}
 
 
 def judge_pairs(judge, records, model_result, base_result, c):
-    """Which answer is better, the model's or the baseline's, each pair shown in a random order."""
-    rng, jobs, orders = random.Random(c.seed), [], []
-    pairs = zip(records, model_result["answers"]["examples"], base_result["answers"]["examples"])
-    for record, ours, theirs in pairs:
-        model_first = rng.random() < 0.5  # cancels the judge's preference for a position, on average
-        a, b = (ours, theirs) if model_first else (theirs, ours)
-        jobs.append(pair_job(record["instruction"], record["input"], record["output"], a["answer"], b["answer"]))
-        orders.append("model" if model_first else "baseline")
-    verdicts = run_jobs(judge, jobs, f"judge {c.judge}: pairs", c.judge_concurrency)
-    per_example = []
-    for i, first in enumerate(orders):
-        v = verdicts[i]
-        winner = None if v.value is None else (first if v.value == "A" else
-                                               "baseline" if first == "model" else "model")
-        per_example.append({"A": first, "choice": v.value, "winner": winner, "reply": v.text, "reasked": v.reasked})
-    decided = [p for p in per_example if p["winner"]]
-    return {"judge": c.judge, "model_win_rate": mean_ci([p["winner"] == "model" for p in decided], c.bootstrap, c.seed),
-            "model_wins": sum(p["winner"] == "model" for p in decided), "baseline_wins": sum(p["winner"] == "baseline"
-                                                                                            for p in decided),
-            "unparsable": len(per_example) - len(decided), "reasked": sum(p["reasked"] for p in per_example),
-            "first_shown_chosen": (sum(p["choice"] == "A" for p in decided) / len(decided)) if decided else None,
-            "examples": per_example}
+    """Which is better, the model's answer or the baseline's: per example, and the model's win rate."""
+    ours, theirs = ([e["answer"] for e in r["answers"]["examples"]] for r in (model_result, base_result))
+    duels = asking(judge, f"pairs: judge {c.judge}", len(records), lambda on_each: compare_answers(
+        judge, records, ours, theirs, c.seed, c.judge_concurrency, on_each))
+    names = {"ours": "model", "theirs": "baseline", None: None}
+    examples = [{"A": "model" if d["ours_first"] else "baseline", "choice": d["verdict"].value,
+                 "winner": names[d["winner"]], "reply": d["verdict"].text, "reasked": d["verdict"].reasked}
+                for d in duels]
+    decided = [e for e in examples if e["winner"]]
+    wins = sum(e["winner"] == "model" for e in decided)
+    return {"judge": c.judge, "model_win_rate": mean_ci([e["winner"] == "model" for e in decided], c.bootstrap,
+                                                        c.seed),
+            "model_wins": wins, "baseline_wins": len(decided) - wins, "unparsable": len(examples) - len(decided),
+            "reasked": sum(e["reasked"] for e in examples),
+            "first_shown_chosen": sum(e["choice"] == "A" for e in decided) / len(decided) if decided else None,
+            "examples": examples}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -447,7 +432,8 @@ def chart(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = [k for k in ("rouge_l", "token_f1", "exact_match", "judge", "acc", "acc_norm") if k in table_rows(results[0])]
+    shown = table_rows(results[0])
+    keys = [k for k in ("rouge_l", "token_f1", "exact_match", "judge", "acc", "acc_norm") if k in shown]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(keys), 3.6))
     width = 0.8 / len(results)
     for j, result in enumerate(results):
@@ -459,7 +445,8 @@ def chart(results, path):
         ax.bar(np.arange(len(keys)) + j * width, means, width, yerr=err, capsize=3, label=result["model"])
     ax.set_xticks(np.arange(len(keys)) + width * (len(results) - 1) / 2)
     ax.set_xticklabels([LABELS[k].replace(" (0-100)", " / 100") for k in keys], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1), ax.legend(fontsize=8), fig.tight_layout()
+    ax.set_ylim(0, 1), ax.legend(fontsize=8)
+    ax.set_title("higher is better; whiskers: 95% bootstrap CI", fontsize=9), fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return True
@@ -477,7 +464,7 @@ def write_report(out, c, config, data, results, pairwise, seconds):
         lines = []
         for i, record in enumerate(data[1]):
             entry = {"index": i, **{k: record[k] for k in ("instruction", "input", "output")}}
-            entry.update({("model" if j == 0 else "baseline"): r["answers"]["examples"][i] for j, r in enumerate(results)})
+            entry.update({side: r["answers"]["examples"][i] for side, r in zip(("model", "baseline"), results)})
             if pairwise:
                 entry["pairwise"] = pairwise["examples"][i]
             lines.append(json.dumps(entry, ensure_ascii=False))
@@ -511,17 +498,18 @@ def main(config):
     if (out / "report.json").exists() and not c.overwrite:
         fail(f"{out / 'report.json'} is an earlier report: give another --out_dir, or --overwrite=True to replace it")
     judge = start_judge(c) if c.judge else None  # an unreachable judge is found before any model is loaded
+    swag = hellaswag_examples(c) if c.hellaswag else None  # and a download that fails
     c.device = pick_device(c.device)
     gpt, info = load(c.model, c.device, c.dtype)
     data = test_split(c, info) if c.answers else None
     if data and c.limit:
         data = (data[0], data[1][:c.limit])
-    results = [evaluate(c.model, c, data, (gpt, info))]
+    results = [evaluate(c.model, c, data, swag, (gpt, info))]
     del gpt, info  # one model in memory at a time
     if c.baseline:
-        results.append(evaluate(c.baseline, c, data))
-    if judge and c.judge_mode in ("score", "both"):
-        judge_scores(judge, data[1], results, c)
+        results.append(evaluate(c.baseline, c, data, swag))
+    for result in results if judge and c.judge_mode in ("score", "both") else []:
+        judge_scores(judge, data[1], result, c)
     pairwise = judge_pairs(judge, data[1], *results, c) if judge and c.judge_mode != "score" else None
     print(markdown(c, results, pairwise, data).split("\n## ")[0])
     write_report(out, c, config, data, results, pairwise, time.time() - start)

@@ -273,7 +273,8 @@ def main(config):
         if c.test_responses:
             write_test_responses(gpt, test, folder, out, c.max_new_tokens, run, enc, ckpt_path, it)
         plot(log.records, out / "loss.png", "iter", {"loss": "train", "val_loss": "val"}, "loss")
-        print(f"evaluate it: python evaluate.py --model={ckpt_path} --baseline={c.model} --out_dir={out / 'eval'}")
+        print(f"evaluate it: python evaluate.py --model={ckpt_path} --baseline={c.model} --max_new_tokens="
+              f"{c.max_new_tokens} --out_dir={out / 'eval'}")
     finish(run)
 
 

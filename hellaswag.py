@@ -2,7 +2,7 @@
 HellaSwag (Zellers et al. 2019): pick the right one of 4 endings of a sentence, by which ending the model finds
 most likely after the context. GPT-2 124M gets ~29-31% (chance: 25%); humans 95%.
 
-    examples = load_hellaswag(VAL_URL)                          # downloaded once into the cache, checked
+    examples = load_hellaswag(VAL_URL, cache_dir, "harness")    # downloaded once into cache_dir, checked
     for result in score(model, examples, style="harness"):      # one dict per example, the 4 endings batched
         print(result["pred"], result["pred_norm"], result["label"])
 
@@ -35,35 +35,36 @@ HARNESS_FIELDS = ("activity_label", "ctx_a", "ctx_b")
 # ----------------------------------------------------------------------------- the data
 
 
-def load_hellaswag(source, cache_dir=None):
+def load_hellaswag(source, cache_dir=None, style="completion"):
     """The examples of a HellaSwag .jsonl file: a URL (downloaded once into cache_dir, which must then be
-    given) or a local path. A file that is not HellaSwag data is a ValueError naming the line (and a
-    downloaded one is deleted, so the next run fetches it afresh)."""
+    given) or a local path. A file that is not HellaSwag data (or lacks what style needs) is a ValueError
+    naming the line, and a downloaded one is deleted, so the next run fetches it afresh."""
     if not str(source).startswith(("http://", "https://")):
-        return read_examples(Path(source))
+        return read_examples(Path(source), style)
     name = Path(urlparse(source).path).name or "hellaswag.jsonl"
     key = hashlib.sha256(source.encode()).hexdigest()[:12]  # cached by URL: another source, another file
     path = download(source, Path(cache_dir) / "hellaswag" / f"{key}-{name}", desc=name)
     try:
-        return read_examples(path)
+        return read_examples(path, style)
     except ValueError:
         path.unlink()
         raise
 
 
-def read_examples(path):
+def read_examples(path, style="completion"):
     examples = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                examples.append(check_example(line, f"{path} line {n}"))
+                examples.append(check_example(line, f"{path} line {n}", style))
     if not examples:
         raise ValueError(f"{path} holds no HellaSwag example")
     return examples
 
 
-def check_example(line, where):
-    """One line as an example dict, with label an int; a ValueError saying what is wrong otherwise."""
+def check_example(line, where, style="completion"):
+    """One line as an example dict, with label an int; a ValueError saying what is wrong otherwise. The
+    completion style reads ctx, endings and label; the harness style activity_label, ctx_a and ctx_b too."""
     try:
         ex = json.loads(line)
     except json.JSONDecodeError as e:
@@ -80,6 +81,9 @@ def check_example(line, where):
     if not (type(label) is int and 0 <= label < 4):
         raise ValueError(f"{where} has label {ex.get('label')!r}, not 0-3 (the test split has no labels: use "
                          f"the validation file)")
+    if style == "harness" and not all(isinstance(ex.get(k), str) for k in HARNESS_FIELDS):
+        raise ValueError(f"{where} has no activity_label/ctx_a/ctx_b strings, which the harness style needs: "
+                         f"use hellaswag_style=completion")
     return {**ex, "label": label}
 
 
@@ -95,9 +99,6 @@ def preprocess(text):
 
 def harness_request(ex):
     """(context, endings) as the harness's hellaswag task builds them."""
-    if not all(isinstance(ex.get(k), str) for k in HARNESS_FIELDS):
-        raise ValueError(f"example {ex.get('ind', '?')} has no activity_label/ctx_a/ctx_b strings, which the "
-                         f"harness style needs: use hellaswag_style=completion")
     context = preprocess(ex["activity_label"] + ": " + ex["ctx_a"] + " " + ex["ctx_b"].capitalize())
     return context, [preprocess(e) for e in ex["endings"]]
 

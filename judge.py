@@ -6,8 +6,9 @@ repeated evaluation costs nothing and an interrupted one goes on where it stoppe
     judge = Judge("ollama:llama3.1", cache=Cache("judge.jsonl"))    # Ollama's /api/chat at OLLAMA_HOST
     judge = Judge("openai:gpt-4o-mini", url="https://api.openai.com", key=os.environ["OPENAI_API_KEY"], cache=...)
     judge.check()                                                    # reachable, and it has the model?
-    for i, verdict in judge.run([score_job(record, answer) for ...], concurrency=4):
-        verdict.value     # 0-100, or None: unparsable twice (verdict.text says what it answered)
+    verdicts = score_answers(judge, records, answers)                # records: instruction, input, output
+    verdicts[0].value     # 0-100, or None: unparsable twice (verdicts[0].text says what it answered)
+    duels = compare_answers(judge, records, ours, theirs)            # which is better, each pair in random order
 
 A reply that is not what the prompt asks for (an integer in 0-100, or the letter A or B) is asked again once
 with a reminder, then counted as unparsable. The openai kind speaks OpenAI's /v1/chat/completions, which
@@ -17,6 +18,7 @@ llama.cpp's server, vLLM and nanoFT's serve.py speak too.
 import hashlib
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -236,7 +238,8 @@ class Judge:
                     raise JudgeError(self.refusal(r))
                 last = f"{r.status_code} {r.reason}: {error_text(r)}"
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                last = f"{e.__class__.__name__}" + (f" after {self.timeout:g}s" if isinstance(e, requests.Timeout) else "")
+                timed_out = isinstance(e, requests.Timeout)
+                last = e.__class__.__name__ + (f" after {self.timeout:g}s" if timed_out else "")
             if attempt < self.retries - 1:
                 time.sleep(BACKOFF * 2 ** attempt)
         raise JudgeError(f"the judge at {self.url} did not answer after {self.retries} attempts (last: {last}); "
@@ -264,6 +267,44 @@ class Judge:
                 yield futures[future], future.result()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- judging answers to records
+
+def verdicts(judge, jobs, concurrency=4, on_each=None):
+    """The Verdicts on jobs, in their order; on_each() is called as each comes in."""
+    got = [None] * len(jobs)
+    for i, verdict in judge.run(jobs, concurrency):
+        got[i] = verdict
+        if on_each:
+            on_each()
+    return got
+
+
+def score_answers(judge, records, answers, concurrency=4, on_each=None):
+    """A Verdict (value 0-100, or None) on each answer to records ({'instruction', 'input', 'output'}). The book
+    scores an empty answer 0 without asking."""
+    asked = [i for i, a in enumerate(answers) if a]
+    jobs = [score_job(records[i]["instruction"], records[i]["input"], records[i]["output"], answers[i]) for i in asked]
+    scores = [Verdict(0, "", False)] * len(answers)
+    for i, verdict in zip(asked, verdicts(judge, jobs, concurrency, on_each)):
+        scores[i] = verdict
+    return scores
+
+
+def compare_answers(judge, records, ours, theirs, seed=1337, concurrency=4, on_each=None):
+    """Which answer is better, ours[i] or theirs[i]: [{'ours_first', 'verdict', 'winner'}], winner 'ours',
+    'theirs' or None (unparsable). Each pair is shown in a random (seeded) order: judges prefer a position, and
+    showing ours first half of the time cancels that out on average."""
+    rng = random.Random(seed)
+    firsts = [rng.random() < 0.5 for _ in records]
+    jobs = [pair_job(r["instruction"], r["input"], r["output"], *((o, t) if first else (t, o)))
+            for r, o, t, first in zip(records, ours, theirs, firsts)]
+    duels = []
+    for first, v in zip(firsts, verdicts(judge, jobs, concurrency, on_each)):
+        winner = None if v.value is None else "ours" if (v.value == "A") == first else "theirs"
+        duels.append({"ours_first": first, "verdict": v, "winner": winner})
+    return duels
 
 
 def read_json(r):

@@ -2062,7 +2062,8 @@ def test_judge_speaks_openai_chat_completions_with_a_key(judge_stub, tmp_path):
 def test_parsing_takes_only_what_the_prompt_asks_for():
     assert [jg.parse_score(t) for t in ["85", " 7\n", "100.", "0", "101", "85/100", "Score: 85", "8 5", ""]] == \
         [85, 7, 100, 0, None, None, None, None, None]
-    assert [jg.parse_choice(t) for t in ["A", " B.", "(A)", "a", "AB", "Response A"]] == ["A", "B", "A", None, None, None]
+    choices = [jg.parse_choice(t) for t in ["A", " B.", "(A)", "a", "AB", "Response A"]]
+    assert choices == ["A", "B", "A", None, None, None]
     assert jg.ollama_url("0.0.0.0") == "http://0.0.0.0:11434" and jg.ollama_url("http://h:1234/") == "http://h:1234"
 
 
@@ -2137,7 +2138,7 @@ def test_hellaswag_scores_equal_a_transformers_implementation(tiny, enc, style, 
     hf, folder = tiny
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text("".join(json.dumps(ex) + "\n" for ex in HELLASWAG))
-    examples = hs.load_hellaswag(str(path))
+    examples = hs.load_hellaswag(str(path), style=style)
     ours = list(hs.score(load(folder), examples, style, batch_size=2))  # 8 rows of different lengths a batch
     reference = harness_reference if style == "harness" else completion_reference
     for ex, result in zip(HELLASWAG, ours):
@@ -2153,7 +2154,8 @@ def test_hellaswag_text_is_prepared_as_the_harness_prepares_it():
     # a marker at the very start leaves a space, so the harness scores "  Dig..." (two spaces): as it does
     assert endings[0] == " Dig holes eight inches deep. Put each bulb in pointy side up."
     assert endings[3] == " Ask the bulbs what they want."
-    assert hs.harness_request(HELLASWAG[2])[0] == "Playing harmonica: A man holds a harmonica to his mouth. Then the nasa engineer"
+    harmonica = "Playing harmonica: A man holds a harmonica to his mouth. Then the nasa engineer"  # capitalize()
+    assert hs.harness_request(HELLASWAG[2])[0] == harmonica
 
 
 @pytest.mark.parametrize("line, why", [
@@ -2162,13 +2164,15 @@ def test_hellaswag_text_is_prepared_as_the_harness_prepares_it():
     ('{"ctx": "x", "endings": ["a", "b", "c", "d"]}', "label None, not 0-3"),
     ('{"endings": ["a", "b", "c", "d"], "label": 1}', "no 'ctx' string"),
     ('[1, 2]', "is not a JSON object"),
+    ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 2}', "no activity_label/ctx_a/ctx_b strings, which the "
+                                                                  "harness style needs"),
 ])
 def test_a_file_that_is_not_hellaswag_is_refused_and_not_kept(server, tmp_path, line, why):
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text(json.dumps(HELLASWAG[0]) + "\n" + line + "\n")
     url = server(path, name=f"bad-{abs(hash(line))}.jsonl")
     with pytest.raises(ValueError, match=re.escape(why)):
-        hs.load_hellaswag(url, tmp_path / "cache")
+        hs.load_hellaswag(url, tmp_path / "cache", "harness")
     assert list((tmp_path / "cache" / "hellaswag").iterdir()) == []  # deleted: the next run downloads afresh
 
 
@@ -2228,7 +2232,8 @@ def read_jsonl(path):
 
 def test_finetune_says_how_to_evaluate_and_records_which_checkpoint_answered(eval_run):
     root = eval_run.root
-    assert "evaluate it: python evaluate.py --model=out/ckpt.pt --baseline=" in eval_run.finetune_output
+    assert (f"evaluate it: python evaluate.py --model=out/ckpt.pt --baseline={root / 'tiny'} --max_new_tokens=8 "
+            f"--out_dir=out/eval") in eval_run.finetune_output
     info = json.loads((root / "out" / "test_responses.meta.json").read_text())
     assert info["sha256"] == hashlib.sha256((root / "out" / "ckpt.pt").read_bytes()).hexdigest()
     assert (info["checkpoint"], info["iter_num"], info["max_new_tokens"]) == ("ckpt.pt", 1, 8)
@@ -2241,8 +2246,8 @@ def test_evaluate_reports_model_and_baseline_with_judge_and_hellaswag(eval_run, 
             "--judge_mode=both", "--hellaswag=True", f"--hellaswag_url={eval_run.hellaswag_url}", "--batch_size=4"]
     result = eval_run(*args, OLLAMA_HOST=stub.url)
     assert "reusing the answers in out/test_responses.json (iteration 1" in result.stdout
-    for phase in ("test loss", "answering", "HellaSwag (harness)", "judge ollama:judge: scores",
-                  "judge ollama:judge: pairs"):
+    for phase in ("test loss", "answering", "HellaSwag (harness)", "out/ckpt.pt: judge ollama:judge",
+                  "other: judge ollama:judge", "pairs: judge ollama:judge"):
         assert re.search(re.escape(phase) + r": \d+/\d+ \w+ \(100%\) .*done in", result.stderr), phase
     report = json.loads((root / "eval" / "report.json").read_text())
     ours, base = report["models"]
@@ -2325,9 +2330,11 @@ def test_evaluate_refuses_bad_input_in_one_line(eval_run, judge_stub, monkeypatc
          f"Ollama at {judge_stub.url} has no model 'llama3.1': run `ollama pull llama3.1` (it has judge:latest)"),
         (["--judge=openai:gpt-9", f"--judge_url={judge_stub.url}"], {},
          f"the judge at {judge_stub.url} does not serve a model 'gpt-9'; it serves judge"),
-        ([f"--model={root / 'tiny'}", "--dataset=notes.txt"], {}, "dataset 'notes.txt' has no reference answers (text data)"),
+        ([f"--model={root / 'tiny'}", "--dataset=notes.txt"], {},
+         "dataset 'notes.txt' has no reference answers (text data)"),
         ([f"--model={root / 'tiny'}"], {}, "does not say what it was trained on"),
-        (["--model=classifier.pt"], {}, "is a text classifier (ham, spam) written by classify.py, not a language model"),
+        (["--model=classifier.pt"], {},
+         "is a text classifier (ham, spam) written by classify.py, not a language model"),
         (["--judge=llama3", "--judge_mode=pairwise", "--answers=False"], {},
          "judge='llama3' must be ollama:MODEL (e.g. ollama:llama3.1) or openai:MODEL; the judge scores the test "
          "split's answers: it needs answers=True; judge_mode=pairwise compares the model with the baseline: give "
