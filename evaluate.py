@@ -162,10 +162,7 @@ def response_losses(model, split, indices, batch_size, progress):
     nll, tokens = {}, {}
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
-        examples = []
-        for i in group:
-            ids, prompt_len = split.example(i)
-            examples.append((ids[:model.config.block_size + 1], prompt_len))
+        examples = [(ids[:model.config.block_size + 1], n) for ids, n in map(split.example, group)]
         x, y = collate(examples, mask_prompt=True, device=model.wte.weight.device)
         sums, counts = target_logprobs(model, x, y)
         for i, s, n in zip(group, sums, counts):
@@ -407,7 +404,9 @@ def disagreements(results, data):
         title, gap = "the judge and ROUGE-L disagree most", lambda i: abs(ours[i]["judge"] / 100 - ours[i]["rouge_l"])
         usable = [i for i in range(len(ours)) if ours[i]["judge"] is not None]
     lines = ["", f"## The five answers where {title}", ""]
-    for rank, i in enumerate(sorted(usable, key=gap, reverse=True)[:5], 1):
+    shown = [i for i in sorted(usable, key=gap, reverse=True) if gap(i) > 0][:5]
+    lines += [] if shown else ["None: they agree on every answer.", ""]
+    for rank, i in enumerate(shown, 1):
         record = data[1][i]
         lines += [f"### {rank}. test example {i}: judge {ours[i]['judge']}" +
                   (f" (model) vs {theirs[i]['judge']} (baseline)" if theirs else f", ROUGE-L {ours[i]['rouge_l']:.2f}"),
@@ -460,15 +459,12 @@ def write_atomic(path, text):
 
 def write_report(out, c, config, data, results, pairwise, seconds):
     out.mkdir(parents=True, exist_ok=True)
-    if data:
-        lines = []
-        for i, record in enumerate(data[1]):
-            entry = {"index": i, **{k: record[k] for k in ("instruction", "input", "output")}}
-            entry.update({side: r["answers"]["examples"][i] for side, r in zip(("model", "baseline"), results)})
-            if pairwise:
-                entry["pairwise"] = pairwise["examples"][i]
-            lines.append(json.dumps(entry, ensure_ascii=False))
-        write_atomic(out / "answers.jsonl", "\n".join(lines) + "\n")
+    if data:  # per test example: the record, each model's answer and scores, the pairwise verdict
+        write_atomic(out / "answers.jsonl", "".join(json.dumps(
+            {"index": i, **{k: record[k] for k in ("instruction", "input", "output")},
+             **{side: r["answers"]["examples"][i] for side, r in zip(("model", "baseline"), results)},
+             **({"pairwise": pairwise["examples"][i]} if pairwise else {})}, ensure_ascii=False) + "\n"
+            for i, record in enumerate(data[1])))
     if c.hellaswag:
         write_atomic(out / "hellaswag.jsonl", "".join(
             json.dumps({"model": r["model"], **ex}) + "\n" for r in results for ex in r["hellaswag"]["examples"]))
@@ -485,11 +481,8 @@ def write_report(out, c, config, data, results, pairwise, seconds):
 
 
 def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.machine())
 
 
 def main(config):
