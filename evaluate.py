@@ -47,7 +47,7 @@ answers = True  # the test split: loss and perplexity of the references, greedy 
 max_new_tokens = 256  # the most tokens of a generated answer (finetune.py's test_responses.json: 256 too)
 batch_size = 8  # examples per batch: loss, generation (grouped by length) and HellaSwag (4 rows per example)
 judge = ""  # ollama:MODEL (Ollama's /api/chat at OLLAMA_HOST) or openai:MODEL (at judge_url); empty: no judge
-judge_url = ""  # openai: the server's base URL, e.g. https://api.openai.com or http://127.0.0.1:8000
+judge_url = ""  # the judge's base URL; openai: needed (https://api.openai.com...); ollama: default OLLAMA_HOST
 judge_key_env = "OPENAI_API_KEY"  # the environment variable with the judge's API key (sent only if it is set)
 judge_mode = "score"  # score (0-100 per answer), pairwise (the model's or the baseline's answer?) or both
 judge_concurrency = 4  # requests to the judge in flight at once
@@ -100,15 +100,21 @@ class Progress:
         self.update(0)
 
     def update(self, n=1):
-        self.done, now, end = self.done + n, time.time(), self.done + n >= self.total
+        self.done += n
+        now, end = time.time(), self.done >= self.total
         if n and not end and now - self.shown < (0.5 if self.tty else 5):
             return
-        rate = self.done / max(now - self.start, 1e-9)
-        when = f"done in {clock(now - self.start)}" if end else f"ETA {clock((self.total - self.done) / rate)}" \
-            if self.done else "ETA ?"
-        print(f"{chr(13) if self.tty else ''}{self.what}: {self.done}/{self.total} {self.unit} "
-              f"({100 * self.done / max(self.total, 1):.0f}%) | {rate:.2f}/s | {when}",
-              end="\n" if end or not self.tty else "", file=sys.stderr, flush=True)
+        elapsed = now - self.start
+        if end:
+            when = f"done in {clock(elapsed)}"
+        else:
+            when = f"ETA {clock(elapsed * (self.total - self.done) / self.done)}" if self.done else "ETA ?"
+        line = (f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%) "
+                f"| {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
+        if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
+            print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
         self.shown = now
 
 
@@ -205,8 +211,6 @@ def saved_answers(name, records, max_new_tokens):
 
 
 def why_not_reused(path, info, responses, records, max_new_tokens):
-    if info.get("checkpoint") != path.name:
-        return f"it was written by {info.get('checkpoint')}, not {path.name}"
     if info.get("max_new_tokens") != max_new_tokens:
         return f"it has max_new_tokens={info.get('max_new_tokens')} (not {max_new_tokens})"
     if len(responses) < len(records) or any(r.get(k) != rec[k] for r, rec in zip(responses, records)
@@ -215,8 +219,8 @@ def why_not_reused(path, info, responses, records, max_new_tokens):
     if not all(isinstance(r.get("model_response"), str) for r in responses[:len(records)]):
         return "its model_response entries are not all text"
     print(f"checking that {path} wrote it (sha256 of {path.stat().st_size / 1e6:,.0f} MB)", file=sys.stderr)
-    if sha256_of(path) != info.get("sha256"):
-        return f"{path} has changed since it answered (at iteration {info.get('iter_num')})"
+    if sha256_of(path) != info.get("sha256"):  # best.pt is the same file as ckpt.pt when the last was the best
+        return f"its answers are {info.get('checkpoint')}'s at iteration {info.get('iter_num')}, not this file's"
     return None
 
 

@@ -1798,6 +1798,7 @@ def test_chat_answers_each_line_and_forgets_on_reset(tiny, finetuned, enc):
 import collections  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import string  # noqa: E402
 import time  # noqa: E402
 
@@ -2314,6 +2315,17 @@ def test_evaluate_regenerates_what_finetune_answered(eval_run, monkeypatch, caps
     assert status == 0 and "not reusing out/test_responses.json: it has max_new_tokens=8 (not 4)" in err
     report = json.loads((root / "eval-short" / "report.json").read_text())
     assert report["models"][0]["answers"]["n"] == 2 and report["models"][0]["answers"]["answers_from"] == "generated"
+    # the answers belong to the file with the recorded sha256, whatever its name; a changed file gets its own
+    shutil.copy(root / "out" / "ckpt.pt", root / "out" / "same.pt")
+    ckpt = torch.load(root / "out" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["ln_f.bias"] += 1e-3
+    torch.save(ckpt, root / "out" / "changed.pt")
+    for name, said in (("same.pt", "reusing the answers in out/test_responses.json (iteration 1"),
+                       ("changed.pt", "not reusing out/test_responses.json: its answers are ckpt.pt's at iteration 1, "
+                                      "not this file's")):
+        status, out, err = evaluate_here(eval_run, monkeypatch, capsys, f"--model=out/{name}", "--max_new_tokens=8",
+                                         "--limit=1", f"--out_dir=eval-{name}")
+        assert status == 0 and said in out + err
 
 
 def test_evaluate_refuses_bad_input_in_one_line(eval_run, judge_stub, monkeypatch, capsys):
