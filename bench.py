@@ -6,6 +6,7 @@ Benchmarks, run by hand (none of them is a test). Pick one with --what:
     python bench.py --what=train         # tokens/s of a full training step vs transformers
     python bench.py --what=int8          # fp32 vs bf16 vs int8 generation: speed, memory, quality
     python bench.py --what=lora          # full fine-tuning vs LoRA: peak memory and speed of a step
+    python bench.py --what=serve         # serve.py: 8 clients at once vs the same 8 requests one by one
 
 generate: batch 1, a 32-token prompt, greedy, random-init weights of the GPT-2 configs (nothing is downloaded),
 ours and transformers' generate(do_sample=False, use_cache=True) on the same weights, interleaved; each figure
@@ -32,7 +33,7 @@ from model import GPT, PRESETS, GPTConfig
 from quantize import ready_for_generation
 
 # -----------------------------------------------------------------------------
-what = "generate"  # which benchmark: generate, train
+what = "generate"  # which benchmark: generate, train, int8, lora, serve
 models = ("gpt2", "gpt2-medium")  # GPT-2 configs
 prompt_len = 32  # tokens of the random prompt each generation starts from
 new_tokens = (128, 512)  # what=generate: new tokens per run, one row per value
@@ -48,6 +49,10 @@ precisions = ("fp32", "bf16", "int8")  # what=int8: weights as sample.py runs th
 quality_prompts = 4  # what=int8: random prompts, each continued by quality_tokens greedy tokens
 quality_tokens = 256  # what=int8: greedy tokens per prompt
 lora_rank = 16  # what=lora: LoRA on the book's targets (finetune.py's default lora_targets)
+serve_model = "gpt2"  # what=serve: the GPT-2 config served by serve.py (random-init weights, nothing downloaded)
+serve_clients = 8  # what=serve: clients sending at once, against the same requests sent one after another
+serve_tokens = 64  # what=serve: new tokens per request (greedy, after a prompt_len-token prompt)
+serve_rounds = 3  # what=serve: rounds of each, interleaved; latencies are counted over every request
 # -----------------------------------------------------------------------------
 
 
@@ -340,12 +345,78 @@ def bench_lora():
                   f"{train_batch * train_block / step:>6.0f}", flush=True)
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "an unknown CPU"
+
+
+def bench_serve():
+    """serve.py as clients see it: total tokens/s of serve_clients requests sent at once (batched by the server)
+    against the same requests sent one after another, and each request's latency (send to last byte), on random-init
+    weights of serve_model, greedy, each request serve_tokens new tokens after its own random prompt_len-token prompt."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+    from load_gpt2 import export_hf
+    folder = tempfile.mkdtemp()
+    torch.manual_seed(seed)
+    export_hf(GPT(GPTConfig.from_name(serve_model)), folder)
+    server = subprocess.Popen([sys.executable, "serve.py", f"--model={folder}", "--port=0",
+                               f"--max_batch={serve_clients}"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              stderr=subprocess.PIPE, text=True)
+    url = re.search(r"http://\S+:\d+/", server.stderr.readline()).group(0) + "v1/completions"
+    threading.Thread(target=server.stderr.read, daemon=True).start()  # its request log: read, not shown
+    prompts = torch.randint(0, 50257, (serve_clients, prompt_len), generator=torch.Generator().manual_seed(seed))
+
+    def ask(prompt):
+        body = json.dumps({"prompt": prompt.tolist(), "max_tokens": serve_tokens, "temperature": 0}).encode()
+        start = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"})) as r:
+            tokens = json.load(r)["usage"]["completion_tokens"]
+        return tokens, time.perf_counter() - start
+
+    try:
+        ask(prompts[0])  # warm up
+        results = {"one after another": [], f"{serve_clients} at once": []}
+        seconds = dict.fromkeys(results, 0.0)
+        for _ in range(serve_rounds):  # interleaved: a busy moment hits both
+            for name in results:
+                start = time.perf_counter()
+                if name == "one after another":
+                    results[name] += [ask(p) for p in prompts]
+                else:
+                    with ThreadPoolExecutor(serve_clients) as pool:
+                        results[name] += list(pool.map(ask, prompts))
+                seconds[name] += time.perf_counter() - start
+    finally:
+        server.send_signal(2)  # Ctrl-C: serve.py stops gracefully
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"serve.py: {serve_model} (random-init, float32), {serve_clients} requests of {prompt_len}-token prompts x "
+          f"{serve_tokens} greedy tokens, {serve_rounds} rounds; {torch.get_num_threads()} threads; {cpu_name()}")
+    print(f"  {'requests':<20} {'tok/s':>7} {'vs one by one':>13} {'p50 latency':>12} {'p95 latency':>12}")
+    base = sum(t for t, _ in results["one after another"]) / seconds["one after another"]
+    for name, runs in results.items():
+        rate = sum(t for t, _ in runs) / seconds[name]
+        cuts = statistics.quantiles([s for _, s in runs], n=20)  # cuts[9]: the median, cuts[18]: the 95th percentile
+        print(f"  {name:<20} {rate:>7.1f} {rate / base:>12.2f}x {cuts[9]:>11.2f}s {cuts[18]:>11.2f}s")
+
+
 if __name__ == "__main__":
     from configurator import configure, fail
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    benchmarks = {"generate": bench_generate, "train": bench_train, "int8": bench_int8, "lora": bench_lora}
+    benchmarks = {"generate": bench_generate, "train": bench_train, "int8": bench_int8, "lora": bench_lora,
+                  "serve": bench_serve}
     if what not in benchmarks:
         fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
     benchmarks[what]()

@@ -1,7 +1,8 @@
 """
-Using a trained GPT-2 for text: which device, prompts cut to the context, batches of prompts left-padded so
-each row gets what it would get alone, and text streamed as whole UTF-8 characters that stops at a stop string.
-sample.py, finetune.py (its sample answers and test_responses.json) and the scripts after them use these.
+Using a trained GPT-2 for text: which device, prompts in a checkpoint's template (a chat folded into it), prompts
+cut to the context, batches of prompts left-padded so each row gets what it would get alone, and text streamed as
+whole UTF-8 characters that stops at a stop string. sample.py, serve.py, finetune.py (its sample answers and
+test_responses.json) and the scripts after them use these.
 
     answers = answer(gpt, [enc.encode_ordinary(p) for p in prompts], max_new_tokens=64)   # greedy, batched
     sums, counts = target_logprobs(gpt, x, y)       # log-likelihood of given text (evaluate.py's loss, HellaSwag)
@@ -14,7 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-from data import EOT, IGNORE
+from data import ALPACA_TEMPLATE, EOT, IGNORE, format_prompt
 
 
 def pick_device(name):
@@ -40,14 +41,43 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def fit_context(ids, block_size, max_new_tokens):
+def fit_context(ids, block_size, max_new_tokens, tell=warn):
     """Cut a prompt from the left so that max_new_tokens still fit in the context, though never to less than
-    half of it (a KV cache holds the whole sequence: the window cannot slide)."""
+    half of it (a KV cache holds the whole sequence: the window cannot slide). tell(message) says what was cut."""
     room = block_size - min(max_new_tokens, block_size // 2)
     if len(ids) > room:
-        warn(f"the prompt is {len(ids)} tokens: only its last {room} are kept, so that max_new_tokens="
+        tell(f"the prompt is {len(ids)} tokens: only its last {room} are kept, so that max_new_tokens="
              f"{max_new_tokens} fit in the {block_size}-token context")
         ids = ids[-room:]
+    return ids
+
+
+def template_of(setting, saved):
+    """The prompt template (a dict, see data.ALPACA_TEMPLATE) to wrap prompts in, or None: the checkpoint's own
+    (saved) for auto."""
+    return {"none": None, "alpaca": ALPACA_TEMPLATE}.get(setting, saved)
+
+
+def apply_template(text, template, input_text=""):
+    return text if template is None else format_prompt(text, input_text, template)
+
+
+def chat_ids(enc, messages, template):
+    """The token ids of a conversation ({"role", "content"} dicts, oldest first), folded into one prompt the way
+    the model was trained to answer: each user message wrapped in the prompt template (as an instruction), each
+    assistant message its answer closed by <|endoftext|>, as that answer ended when it was generated; a system
+    message is plain text before the turns that follow it. The model answers after the last user message.
+
+    An assistant's content may be token ids (sample.py --chat keeps the ids it generated, never re-tokenized)."""
+    ids = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            ids += (content if isinstance(content, list) else enc.encode_ordinary(content)) + [EOT]
+        elif role == "user":
+            ids += enc.encode_ordinary(apply_template(content, template))
+        else:
+            ids += enc.encode_ordinary(content + "\n\n")
     return ids
 
 
@@ -87,7 +117,7 @@ class TextStream:
     and nothing that may be the start of a stop string until it is known not to be."""
 
     def __init__(self, enc, stops=(), out=None):
-        self.enc, self.stops, self.out = enc, stops, out or sys.stdout
+        self.enc, self.stops, self.out = enc, stops, sys.stdout if out is None else out
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # decoded, not yet printed
 

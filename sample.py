@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from configurator import checked, configure, fail
-from data import ALPACA_TEMPLATE, EOT, format_prompt, tokenizer
+from data import EOT, tokenizer
 from download import DownloadError
-from generation import TextStream, cut_at_stops, fit_context, left_pad, pick_device, until_eot, warn, weights_dtype
+from generation import (TextStream, apply_template, chat_ids, cut_at_stops, fit_context, left_pad, pick_device,
+                        template_of, until_eot, warn, weights_dtype)
 from load_gpt2 import load_model
 from quantize import ready_for_generation
 
@@ -71,16 +72,6 @@ def check_settings(c):
     return problems
 
 
-def template_of(setting, saved):
-    """The prompt template (a dict, see data.ALPACA_TEMPLATE) to wrap prompts in, or None: the checkpoint's own
-    (saved) for auto."""
-    return {"none": None, "alpaca": ALPACA_TEMPLATE}.get(setting, saved)
-
-
-def wrap(text, template, input_text=""):
-    return text if template is None else format_prompt(text, input_text, template)
-
-
 def stream(gpt, ids, enc, stops, generator, **sampling):
     """Generate after ids (a list of token ids), printing the text as it comes. Returns the new ids (the
     end-of-text is not among them; the text is cut before a stop string) and the times of each token."""
@@ -123,7 +114,7 @@ def generate_batch(gpt, prompts, enc, stops, generator, **sampling):
 def chat_loop(gpt, enc, template, stops, generator, **sampling):
     """Answer each line typed on stdin; the conversation so far is the context of the next answer."""
     print("type a message; /reset forgets the conversation, /quit (or Ctrl-D) leaves", file=sys.stderr)
-    history = []  # token ids of the turns so far, each closed by <|endoftext|>
+    messages = []  # the conversation so far, folded into the prompt by generation.chat_ids (as serve.py does)
     while True:
         try:
             line = input("> ").strip()
@@ -133,16 +124,16 @@ def chat_loop(gpt, enc, template, stops, generator, **sampling):
         if line in ("/quit", "/exit"):
             return
         if line == "/reset":
-            history = []
+            messages = []
             print("(conversation forgotten)", file=sys.stderr)
             continue
         if not line:
             continue
-        ids = fit_context(history + enc.encode_ordinary(wrap(line, template)), gpt.config.block_size,
-                          sampling["max_new_tokens"])
+        messages.append({"role": "user", "content": line})
+        ids = fit_context(chat_ids(enc, messages, template), gpt.config.block_size, sampling["max_new_tokens"])
         new, _ = stream(gpt, ids, enc, stops, generator, **sampling)
         print()
-        history = ids + new + [EOT]
+        messages.append({"role": "assistant", "content": new})  # the ids as generated, not re-tokenized
 
 
 def warm_up(gpt, rows, batch):
@@ -177,7 +168,7 @@ def main(config):
             warm_up(gpt, 1, False)
         return chat_loop(gpt, enc, template, stops, generator, **sampling)
     lines = ([line for line in text.splitlines() if line.strip()] or [""]) if c.batch else [text]
-    prompts = [wrap(line, template, c.input) for line in lines]
+    prompts = [apply_template(line, template, c.input) for line in lines]
     ids = [fit_context(enc.encode_ordinary(p) or [EOT], gpt.config.block_size, c.max_new_tokens) for p in prompts]
     if c.compile:
         warm_up(gpt, len(ids), c.batch)

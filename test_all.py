@@ -1898,7 +1898,7 @@ def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_examples():
     assert metrics.mean_ci([3.0]) == {"mean": 3.0, "ci95": None, "n": 1}
 
 
-# --- a judge on loopback: Ollama's /api/chat and OpenAI's /v1/chat/completions
+# --- a judge on loopback: an Ollama-shaped stub, and nanoFT's own serve.py for OpenAI's /v1/chat/completions
 
 def stub_verdict(prompt):
     """(first reply, reply when asked again, the value the judge client must keep, whether it asks again) of
@@ -1914,8 +1914,8 @@ def stub_verdict(prompt):
 
 
 class JudgeStub(http.server.ThreadingHTTPServer):
-    """A judge on 127.0.0.1 that speaks Ollama's /api/tags and /api/chat and OpenAI's /v1/models and
-    /v1/chat/completions, answering as stub_verdict says; it can fail, be slow, and counts what it gets."""
+    """A judge on 127.0.0.1 that speaks Ollama's /api/tags and /api/chat (Ollama itself cannot run here),
+    answering as stub_verdict says; it can fail, be slow, and counts what it gets."""
 
     def __init__(self, models=("judge",)):
         super().__init__(("127.0.0.1", 0), JudgeStubHandler)
@@ -1943,8 +1943,6 @@ class JudgeStubHandler(http.server.BaseHTTPRequestHandler):
         models = self.server.models
         if self.path == "/api/tags":
             return self.send_json(200, {"models": [{"name": f"{m}:latest", "model": f"{m}:latest"} for m in models]})
-        if self.path == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
         self.send_json(404, {"error": "not found"})
 
     def do_POST(self):
@@ -1964,12 +1962,8 @@ class JudgeStubHandler(http.server.BaseHTTPRequestHandler):
                 return self.send_json(404, {"error": f"model \"{body['model']}\" not found, try pulling it first"})
             first, again, _, _ = stub_verdict(body["messages"][0]["content"])
             reply = first if len(body["messages"]) == 1 else again
-            message = {"role": "assistant", "content": reply}
-            if self.path == "/api/chat":
-                self.send_json(200, {"model": body["model"], "message": message, "done": True})
-            else:
-                self.send_json(200, {"object": "chat.completion", "choices": [{"index": 0, "message": message,
-                                                                                "finish_reason": "stop"}]})
+            self.send_json(200, {"model": body["model"], "message": {"role": "assistant", "content": reply},
+                                 "done": True})
         finally:
             with stub.lock:
                 stub.inflight -= 1
@@ -2045,19 +2039,42 @@ def test_judge_retries_with_backoff_and_times_out(judge_stub, tmp_path, monkeypa
     assert time.time() - t0 < 1.5
 
 
-def test_judge_speaks_openai_chat_completions_with_a_key(judge_stub, tmp_path):
-    judge = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=judge_stub.url + "/v1", key="sekrit",
-                     max_tokens=5)
-    judge.check()
-    jobs = score_jobs(8)
-    verdicts = dict(judge.run(jobs, 2))
-    assert [verdicts[i].value for i in range(8)] == [stub_verdict(j.prompt)[2] for j in jobs]
-    path, body, auth = judge_stub.chats[0]
-    assert path == "/v1/chat/completions" and auth == "Bearer sekrit"
-    assert body["model"] == "judge" and body["max_tokens"] == 5 and body["temperature"] == 0
-    unknown = jg.Judge("openai:gpt-9", jg.Cache(str(tmp_path / "c.jsonl")), url=judge_stub.url)
-    with pytest.raises(jg.JudgeError, match=r"does not serve a model 'gpt-9'; it serves judge"):
-        unknown.check()
+def test_judge_speaks_openai_chat_completions_to_serve_py(tiny, tmp_path):
+    """The client against nanoFT's own serve.py on loopback, serving the tiny random model as 'judge': its replies
+    are nonsense, so answers are asked again and stay unparsable; every reply must be what the official OpenAI
+    client gets for the same request, and the cache must answer alone once the server is gone."""
+    server = start_server(tiny[1], name="judge", api_key="sekrit", max_batch=8)
+    try:
+        judge = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url + "/v1", key="sekrit",
+                         max_tokens=5)
+        judge.check()
+        jobs = score_jobs(6)
+        verdicts = dict(judge.run(jobs, 3))
+        client = openai_client(server, key="sekrit")
+
+        def reply(messages):
+            return client.chat.completions.create(model="judge", messages=messages, max_tokens=5, temperature=0,
+                                                  seed=123).choices[0].message.content
+        for i, job in enumerate(jobs):
+            messages = [{"role": "user", "content": job.prompt}]
+            first = reply(messages)
+            assert verdicts[i].reasked == (jg.parse_score(first) is None)
+            if verdicts[i].reasked:
+                first = reply(messages + [{"role": "assistant", "content": first},
+                                          {"role": "user", "content": job.reminder}])
+            assert (verdicts[i].text, verdicts[i].value) == (first, jg.parse_score(first))
+        assert any(v.reasked for v in verdicts.values())  # a random model gives no integers
+        for spec, key, why in (("openai:gpt-9", "sekrit", r"does not serve a model 'gpt-9'; it serves judge"),
+                               ("openai:judge", None, r"refused the request \(401 .*judge_key_env")):
+            with pytest.raises(jg.JudgeError, match=why):
+                jg.Judge(spec, jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key=key).check()
+        unchecked = jg.Judge("openai:gpt-9", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit")
+        with pytest.raises(jg.JudgeError, match=r"has no model 'gpt-9' \(400: model \"gpt-9\" is not served here"):
+            unchecked.judge(jobs[0])
+    finally:
+        stop_server(server)
+    offline = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit")
+    assert {i: (v.value, v.text) for i, v in offline.run(jobs, 3)} == {i: (v.value, v.text) for i, v in verdicts.items()}
 
 
 def test_parsing_takes_only_what_the_prompt_asks_for():
@@ -2334,14 +2351,14 @@ def test_evaluate_refuses_bad_input_in_one_line(eval_run, judge_stub, monkeypatc
     gpt = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
     torch.save({"kind": "classifier", "labels": ["ham", "spam"], "model": gpt.state_dict(),
                 "model_config": vars(gpt.config)}, root / "classifier.pt")
-    port = free_port()
+    port, served = free_port(), start_server(root / "tiny", name="judge")  # serve.py as an OpenAI-compatible judge
     for args, env, message in [
         (["--judge=ollama:llama3.1"], {"OLLAMA_HOST": f"127.0.0.1:{port}"},
          f"cannot reach the judge at http://127.0.0.1:{port} (ConnectionError): start Ollama with `ollama serve`"),
         (["--judge=ollama:llama3.1"], {"OLLAMA_HOST": judge_stub.url},
          f"Ollama at {judge_stub.url} has no model 'llama3.1': run `ollama pull llama3.1` (it has judge:latest)"),
-        (["--judge=openai:gpt-9", f"--judge_url={judge_stub.url}"], {},
-         f"the judge at {judge_stub.url} does not serve a model 'gpt-9'; it serves judge"),
+        (["--judge=openai:gpt-9", f"--judge_url={served.url}/v1"], {},
+         f"the judge at {served.url} does not serve a model 'gpt-9'; it serves judge: give --judge=openai:judge"),
         ([f"--model={root / 'tiny'}", "--dataset=notes.txt"], {},
          "dataset 'notes.txt' has no reference answers (text data)"),
         ([f"--model={root / 'tiny'}"], {}, "does not say what it was trained on"),
@@ -2356,6 +2373,7 @@ def test_evaluate_refuses_bad_input_in_one_line(eval_run, judge_stub, monkeypatc
                                        f"--out_dir=bad-{port}", **env)
         last = err.splitlines()[-1]
         assert status == 2 and last.startswith("error: ") and message in last, err
+    stop_server(served)
     assert not (root / f"bad-{port}").exists()
     # and from the command line: one line on stderr, nothing else
     result = eval_run("--model=classifier.pt", "--out_dir=bad-cli", check=False)
@@ -2369,3 +2387,399 @@ def test_evaluate_help_explains_every_setting(capsys):
     for line in settings:  # --key = default  # the comment at the setting's definition
         default, _, comment = line.strip().partition(" = ")[2].partition("  # ")
         assert default and len(comment) > 8, line
+
+
+# ----------------------------------------------------------------------------- serve.py
+
+# this section's own imports (re, time and config_keys come with evaluate.py's section above)
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+
+def start_server(model, **settings):
+    """serve.py's server for model, listening on a free 127.0.0.1 port and serving from a thread of this process;
+    server.url is its address. Settings as on the command line (max_batch=1, api_key=...)."""
+    import serve
+    c = SimpleNamespace(**{**config_keys(vars(serve)), "model": str(model), "port": 0, **settings})
+    server = serve.make_server(c)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server
+
+
+def stop_server(server):
+    server.shutdown()
+    server.stop(cancel=True)
+
+
+@pytest.fixture(scope="module")
+def api(finetuned):
+    """The tiny model behind serve.py, from a checkpoint that carries the Alpaca template (so chats use it)."""
+    server = start_server(finetuned, max_batch=8, max_queue=16)
+    yield server
+    stop_server(server)
+
+
+def openai_client(server, key="none"):
+    openai = pytest.importorskip("openai", reason="the official OpenAI client: pip install -r requirements-dev.txt")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def http(server, path, body=None, headers=None, method=None):
+    """(status, JSON body) of one plain HTTP request; body: a dict (sent as JSON) or bytes."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method or ("GET" if body is None else "POST"), path, body=data, headers=headers)
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    assert b"Traceback" not in raw
+    return response.status, json.loads(raw)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def streamed_pieces(enc, tokens):
+    """What sample.py's TextStream prints for each token in turn (whole UTF-8 characters), empty ones left out."""
+    out = io.StringIO()
+    text, pieces = TextStream(enc, out=out), []
+    for token in tokens:
+        before = out.getvalue()
+        text.add(token)
+        pieces.append(out.getvalue()[len(before):])
+    before = out.getvalue()
+    text.finish()
+    pieces[-1] += out.getvalue()[len(before):]
+    return [p for p in pieces if p]
+
+
+def batch_sizes(server, monkeypatch):
+    """Record, at every step of server's engine, how many rows it generates together and how many were already
+    running when rows joined them."""
+    seen = {"step": [], "join": []}
+    engine = server.engine
+    step, join = engine.step, engine.join
+
+    def counted_step():
+        seen["step"].append(len(engine.rows))
+        step()
+
+    def counted_join(rows):
+        seen["join"].append(len(engine.rows))
+        join(rows)
+    monkeypatch.setattr(engine, "step", counted_step)
+    monkeypatch.setattr(engine, "join", counted_join)
+    return seen
+
+
+def test_serve_completes_like_model_generate_streamed_or_not(api, tiny, enc):
+    ours = load(tiny[1])
+    client = openai_client(api)
+    assert [m.id for m in client.models.list()] == [api.model_name] == [client.models.retrieve(api.model_name).id]
+    ids = enc.encode_ordinary(PROMPT)
+    tokens = greedy_ids(ours, ids, 24)
+    finish = "length" if len(tokens) == 24 else "stop"
+    done = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].text == enc.decode(tokens)
+    assert done.choices[0].finish_reason == finish
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (len(ids), 24, len(ids) + 24)
+    chunks = list(client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=24, temperature=0,
+                                            stream=True))
+    assert [c.choices[0].text for c in chunks if c.choices[0].text] == streamed_pieces(enc, tokens)
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + [finish]
+    as_ids = client.completions.create(model=api.model_name, prompt=ids, max_tokens=24, temperature=0)
+    assert as_ids.choices[0].text == done.choices[0].text  # a prompt of token ids is the same prompt
+
+
+def test_serve_chat_folds_the_conversation_into_the_checkpoint_template(api, tiny, enc):
+    """As sample.py --chat folds its turns (test_chat_answers_each_line_and_forgets_on_reset): each question in the
+    Alpaca template, each answer closed by <|endoftext|>; a system message is plain text before the turns."""
+    ours = load(tiny[1])
+    client = openai_client(api)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Name a fruit."}]
+    ids = (enc.encode_ordinary("Be brief.\n\n") + enc.encode_ordinary(format_prompt("Name a color.")) +
+           enc.encode_ordinary("Blue.") + [EOT] + enc.encode_ordinary(format_prompt("Name a fruit.")))
+    want = enc.decode(greedy_ids(ours, ids, 16))
+    done = client.chat.completions.create(model=api.model_name, messages=messages, max_tokens=16, temperature=0)
+    assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == want and done.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model=api.model_name, messages=messages, max_completion_tokens=16,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_serve_seeded_samples_equal_sample_py_with_that_seed(api, tiny, capsys, monkeypatch):
+    """Two prompts x n=2, generated as one batch: text j of a prompt is sample.py's for that prompt with seed 7 + j."""
+    import sample as sample_py
+    seen = batch_sizes(api, monkeypatch)
+    prompts = [PROMPT, "Once upon a time, in a land far away,"]
+    done = openai_client(api).completions.create(model=api.model_name, prompt=prompts, n=2, seed=7, temperature=1.0,
+                                                 top_p=0.9, max_tokens=20)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3] and max(seen["step"]) == 4
+    texts = [c.text for c in done.choices]
+    assert len(set(texts)) == 4
+    for i, text in enumerate(texts):
+        settings = dict(model=str(tiny[1]), prompt=prompts[i // 2], seed=7 + i % 2, temperature=1.0, top_p=0.9,
+                        max_new_tokens=20)
+        sample_py.main({**config_keys(vars(sample_py)), **settings})
+        assert capsys.readouterr().out == prompts[i // 2] + text + "\n"
+
+
+def test_serve_stop_strings_and_n(api, tiny, enc):
+    ours = load(tiny[1])
+    client = openai_client(api)
+    full = enc.decode(greedy_ids(ours, enc.encode_ordinary(PROMPT), 30))
+    stop = full[8:12]  # in the middle of the text; the text ends before its first occurrence
+    want = full[:full.index(stop)]
+    done = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=30, temperature=0, n=3,
+                                      stop=["never in the text", stop])
+    assert [(c.text, c.finish_reason) for c in done.choices] == [(want, "stop")] * 3
+    streamed = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=30, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_serve_sixteen_concurrent_clients_each_get_their_own_answer(api, tiny, enc, monkeypatch):
+    ours = load(tiny[1])
+    client = openai_client(api)
+    seen = batch_sizes(api, monkeypatch)
+    prompts = [f"Question {i}:" + " why" * i for i in range(16)]  # distinct, of 3 to 18 tokens
+    lengths = [4 + i for i in range(16)]  # rows leave at different steps, and waiting rows take their places
+    prompts[0], lengths[1] = " ".join(["because"] * 100), 100  # these two never fit in the 128-token context together
+
+    def ask(i):
+        kwargs = dict(model=api.model_name, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True))
+        return client.completions.create(**kwargs).choices[0].text
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert answers == [enc.decode(greedy_ids(ours, enc.encode_ordinary(p), n)) for p, n in zip(prompts, lengths)]
+    assert max(seen["step"]) == 8 and max(seen["join"]) > 0  # a full batch, and rows joined a running one
+    assert http(api, "/health")[1] == {"status": "ok", "model": api.model_name, "generating": 0, "waiting": 0}
+
+
+def test_serve_long_prompt_is_cut_from_the_left_and_the_answer_says_so(api, tiny, enc):
+    ours = load(tiny[1])
+    words = " ".join(f"word{i}" for i in range(200))  # ~400 tokens; the tiny context is 128
+    ids = enc.encode_ordinary(words)
+    status, body = http(api, "/v1/completions", {"prompt": words, "max_tokens": 20, "temperature": 0})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 108
+    assert body["warnings"] == [f"the prompt is {len(ids)} tokens: only its last 108 are kept, so that "
+                                "max_new_tokens=20 fit in the 128-token context"]
+    assert body["choices"][0]["text"] == enc.decode(greedy_ids(ours, ids[-108:], 20))
+
+
+@pytest.mark.parametrize("path, body, status, param, why", [
+    ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, None, "must be a JSON object"),
+    ("/v1/completions", b"\xff\xfe", 400, None, "not valid JSON"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 400, "model", "is not served here"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt", "prompt must be a text"),
+    ("/v1/completions", {}, 400, "prompt", "prompt must be a text"),
+    ("/v1/completions", {"prompt": [1, 50257]}, 400, "prompt", "each from 0 to 50256"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens", "a whole number from 1 to 128"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 129}, 400, "max_tokens", "from 1 to 128"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "from 1 to 128"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, 400, "temperature", "from 0 to 2"),
+    ("/v1/completions", {"prompt": "hi", "temperature": True}, 400, "temperature", "from 0 to 2"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "above 0"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 0}, 400, "top_k", "at least 1"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "from 1 to 16"),
+    ("/v1/completions", {"prompt": "hi", "n": 1.5}, 400, "n", "from 1 to 16"),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 6}, 400, "n", "more than max_n=16"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed", "from 0 to"),
+    ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", 1]}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", "true or false"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "user"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "user"}]}, 400,
+     "messages[1].content", "must be text"),
+    ("/v1/embeddings", {"input": "hi"}, 404, None, "no POST /v1/embeddings"),
+])
+def test_serve_rejects_bad_input_with_an_openai_error_naming_the_field(api, path, body, status, param, why):
+    got, answer = http(api, path, body)
+    assert got == status and answer["error"]["param"] == param and why in answer["error"]["message"]
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_serve_refuses_oversized_unframed_and_non_json_bodies_and_the_client_sees_the_field(api):
+    # answered from the headers, before any of the body is read (a client still sending it would see a broken pipe)
+    status, answer = http(api, "/v1/completions", b"", {"Content-Length": str(api.c.max_body + 1)})
+    assert status == 413 and "max_body" in answer["error"]["message"]
+    status, answer = http(api, "/v1/completions", iter([b'{"prompt": "hi"}']), {"Transfer-Encoding": "chunked"})
+    assert status == 411
+    status, answer = http(api, "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"})
+    assert status == 415 and "Content-Type: application/json" in answer["error"]["message"]
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as error:
+        openai_client(api).completions.create(model=api.model_name, prompt="hi", temperature=7)
+    assert error.value.param == "temperature"
+
+
+def test_serve_answers_429_past_the_queue_limit(tiny):
+    server = start_server(tiny[1], max_batch=1, max_queue=2)
+    gate, entered, real = threading.Event(), threading.Event(), server.gpt.next_logits
+
+    def held(*args):  # the first request stops in its prefill until the gate opens
+        entered.set()
+        gate.wait(30)
+        return real(*args)
+    server.gpt.next_logits = held
+    results = []
+    body = {"prompt": "hi", "max_tokens": 3}
+    threads = [threading.Thread(target=lambda: results.append(http(server, "/v1/completions", body))) for _ in range(3)]
+    try:
+        threads[0].start()
+        assert entered.wait(10)
+        for t in threads[1:]:
+            t.start()
+        wait_until(lambda: http(server, "/health")[1]["waiting"] == 2)
+        status, answer = http(server, "/v1/completions", body)
+        assert status == 429 and answer["error"]["type"] == "rate_limit_error" and "max_queue" in answer["error"]["message"]
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(30)
+        stop_server(server)
+    assert [status for status, _ in results] == [200, 200, 200]
+
+
+def test_serve_needs_the_api_key_when_one_is_set(tiny):
+    openai = pytest.importorskip("openai")
+    server = start_server(tiny[1], api_key="open sesame")
+    try:
+        status, answer = http(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 401 and answer["error"]["type"] == "authentication_error"
+        assert http(server, "/v1/models")[0] == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(server, "open says me").models.list()
+        done = openai_client(server, "open sesame").completions.create(model=server.model_name, prompt="hi", max_tokens=2)
+        assert done.usage.completion_tokens >= 1
+        assert http(server, "/health")[0] == 200  # the page and the health check need no key
+    finally:
+        stop_server(server)
+
+
+def read_events(sock, until="[DONE]"):
+    """The data of the server-sent events read from sock, up to the one that contains until, or to the end of
+    the connection."""
+    data, events = b"", []
+    while not (events and until in events[-1]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        events = [line[6:] for line in data.decode(errors="replace").splitlines() if line.startswith("data: ")]
+    return events
+
+
+def open_stream(port, body):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    data = json.dumps({**body, "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_serve_client_hanging_up_mid_stream_frees_its_row_at_once(api, monkeypatch):
+    real = api.gpt.next_logits
+
+    def slow(*args):  # 20 ms a step: 100 tokens take 2 s
+        time.sleep(0.02)
+        return real(*args)
+    monkeypatch.setattr(api.gpt, "next_logits", slow)
+    sock = open_stream(api.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
+    assert read_events(sock, until='"finish_reason": null')
+    wait_until(lambda: http(api, "/health")[1]["generating"] == 1)
+    sock.close()
+    hung_up = time.time()
+    wait_until(lambda: http(api, "/health")[1]["generating"] == 0, timeout=1.5)
+    assert time.time() - hung_up < 0.5
+
+
+def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
+    """Ctrl-C: the listening socket closes, the text being generated is finished, the one waiting is answered
+    503, and the process exits 0."""
+    reference_model(n_positions=1024).save_pretrained(tmp_path)  # room for 1,000 tokens: a stream to interrupt
+    env = {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--model={tmp_path}", "--port=0", "--max_batch=1"],
+                            cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stderr.readline()).group(1))
+        server = type("Address", (), {"server_address": ("127.0.0.1", port)})
+        sock = open_stream(port, {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
+        first = read_events(sock, until='"finish_reason": null')
+        waiting = []
+        behind = threading.Thread(target=lambda: waiting.append(http(server, "/v1/completions", {"prompt": "hi"})))
+        behind.start()
+        wait_until(lambda: http(server, "/health")[1]["waiting"] == 1)
+        proc.send_signal(2)
+        rest = read_events(sock)
+        behind.join(30)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    chunks = [json.loads(e) for e in first + rest[:-1]]
+    assert rest[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert waiting[0][0] == 503 and "shutting down" in waiting[0][1]["error"]["message"]
+    log = proc.stderr.read()
+    assert "stopping: new requests are refused" in log and log.rstrip().endswith("stopped") and "Traceback" not in log
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser (requirements-dev)")
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium): the chat page is not tested")
+    ours = load(tiny[1])
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 560})
+            page.goto(f"{api.url}/")
+            page.wait_for_function(f"document.getElementById('model').textContent === {json.dumps(api.model_name)}")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "24")
+            # count the answer's changes as they happen: a streamed answer grows in several steps
+            page.evaluate("""window.changes = 0; new MutationObserver(() => window.changes++)
+                             .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})""")
+            page.fill("#input", "Name a color.")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelector('.meta') && /stop|length/.test(document.querySelector('.meta').textContent)")
+            answer, changes = page.text_content(".assistant"), page.evaluate("window.changes")
+            page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    assert answer == enc.decode(greedy_ids(ours, enc.encode_ordinary(format_prompt("Name a color.")), 24))
+    assert changes > 5 and (tmp_path / "chat.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_help_and_bad_settings_are_one_line(api, tiny):
+    import serve
+    test_help_explains_every_setting_with_its_default("serve.py")
+    result = subprocess.run([sys.executable, "serve.py", "--max_batch=0", "--template=chatml", "--port=70000"],
+                            cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    for why in ["max_batch=0 must be at least 1", "template='chatml' must be one of", "port=70000 must be from 0"]:
+        assert why in result.stderr
+    taken = SimpleNamespace(**{**config_keys(vars(serve)), "model": str(tiny[1]), "port": api.server_address[1]})
+    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{api.server_address[1]} .*try --port=0"):
+        serve.make_server(taken)
