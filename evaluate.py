@@ -295,9 +295,9 @@ def start_judge(c):
     return judge
 
 
-def asking(judge, what, n, ask):
+def asking(judge, what, n, unit, ask):
     """ask(on_each) with progress; a judge that stops answering is a one-line error, Ctrl-C leaves at once."""
-    progress = Progress(what, n, "requests")
+    progress = Progress(what, n, unit)
     try:
         return ask(progress.update)
     except JudgeError as e:
@@ -312,7 +312,7 @@ def judge_scores(judge, records, result, c):
     """The judge's 0-100 score of each of a model's answers, into its examples and summary."""
     examples = result["answers"]["examples"]
     answers = [e["answer"] for e in examples]
-    got = asking(judge, f"{result['model']}: judge {c.judge}", sum(map(bool, answers)),
+    got = asking(judge, f"{result['model']}: judge {c.judge}", sum(map(bool, answers)), "answers",
                  lambda on_each: score_answers(judge, records, answers, c.judge_concurrency, on_each))
     for e, v in zip(examples, got):
         e.update(judge=v.value, judge_reply=v.text, reasked=v.reasked)
@@ -325,8 +325,8 @@ def judge_scores(judge, records, result, c):
 def judge_pairs(judge, records, model_result, base_result, c):
     """Which is better, the model's answer or the baseline's: per example, and the model's win rate."""
     ours, theirs = ([e["answer"] for e in r["answers"]["examples"]] for r in (model_result, base_result))
-    duels = asking(judge, f"pairs: judge {c.judge}", len(records), lambda on_each: compare_answers(
-        judge, records, ours, theirs, c.seed, c.judge_concurrency, on_each))
+    duels = asking(judge, f"model vs baseline: judge {c.judge}", len(records), "pairs", lambda on_each:
+                   compare_answers(judge, records, ours, theirs, c.seed, c.judge_concurrency, on_each))
     names = {"ours": "model", "theirs": "baseline", None: None}
     examples = [{"A": "model" if d["ours_first"] else "baseline", "choice": d["verdict"].value,
                  "winner": names[d["winner"]], "reply": d["verdict"].text, "reasked": d["verdict"].reasked}
@@ -387,8 +387,9 @@ def markdown(c, results, pairwise, data):
         p = pairwise
         lines += ["", f"Pairwise ({p['judge']}, the two answers in random order): the model's answer was better in "
                   f"{p['model_wins']} of {p['model_wins'] + p['baseline_wins']} ({cell(p['model_win_rate'])}); "
-                  f"{p['unparsable']} unparsable; the judge chose the answer shown first "
-                  f"{100 * (p['first_shown_chosen'] or 0):.0f}% of the time."]
+                  f"{p['unparsable']} unparsable" + ("" if p["first_shown_chosen"] is None else
+                                                       f"; the judge chose the answer shown first "
+                                                       f"{100 * p['first_shown_chosen']:.0f}% of the time") + "."]
     lines += disagreements(results, data)
     return "\n".join(lines) + "\n"
 

@@ -1852,11 +1852,19 @@ def perturbed(text, rng):
 
 
 def made_up_pairs(n, rng):
-    """Pairs written here: shared words, punctuation, articles, digits, accents, empty strings, repeats."""
+    """Pairs written here: shared words, punctuation, articles, digits, accents, empty strings, repeats; a third
+    unrelated, a third one text and a perturbed copy, a third the same words in other case and punctuation."""
     vocab = ["the", "a", "an", "The", "cat", "cats", "sat", "on", "mat", "mat.", "Paris", "paris!", "42", "4.2",
              "don't", "co-op", "naïve", "café", "über", "(yes)", "", "   ", "-", "Mat", "an apple", "A", "THE"]
-    return [(" ".join(rng.choice(vocab) for _ in range(rng.randrange(0, 25))),
-             " ".join(rng.choice(vocab) for _ in range(rng.randrange(0, 25)))) for _ in range(n)]
+
+    def text():
+        return " ".join(rng.choice(vocab) for _ in range(rng.randrange(0, 25)))
+    pairs = []
+    for i in range(n):
+        a = text()
+        b = text() if i % 3 == 0 else perturbed(a, rng) if i % 3 == 1 else rng.choice([a.upper(), a + "!", f"({a})"])
+        pairs.append((a, b))
+    return pairs
 
 
 def metric_pairs():
@@ -2074,7 +2082,8 @@ def test_judge_speaks_openai_chat_completions_to_serve_py(tiny, tmp_path):
     finally:
         stop_server(server)
     offline = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit")
-    assert {i: (v.value, v.text) for i, v in offline.run(jobs, 3)} == {i: (v.value, v.text) for i, v in verdicts.items()}
+    cached = {i: (v.value, v.text) for i, v in offline.run(jobs, 3)}
+    assert cached == {i: (v.value, v.text) for i, v in verdicts.items()}
 
 
 def test_parsing_takes_only_what_the_prompt_asks_for():
@@ -2103,7 +2112,11 @@ HELLASWAG = [  # the official file's format; WikiHow's markers, capitals in ctx_
      "ctx_b": "", "label": 3, "endings": ["[step] Drink the kettle.", "[step] Freeze it.", "[step] Plant it.",
                                           "[step] Pour it over the tea leaves and wait three minutes."]},
     {"ind": 57, "activity_label": "Shaving", "ctx_a": "A man lathers his face with shaving cream.", "ctx_b": "he",
-     "label": 0, "endings": ["shaves carefully with a razor.", "sings.", "opens   the fridge.", "jumps [sic] high."]},
+     "label": 0, "endings": ["shaves carefully with a razor.", "sings.", "opens   the fridge.",
+                             "jumps [sic] high."]},
+    {"ind": 63, "activity_label": "Home and Garden", "ctx_b": "", "label": 2,  # a query that ends in a space
+     "ctx_a": "[header] How to fold a shirt [title] Lay it flat. [step]",
+     "endings": ["Fold the sleeves in.", "Iron the café's crème brûlée.", "Fold it in half.", "日本語で畳む。"]},
 ]
 for _ex in HELLASWAG:
     _ex.update(ctx=(_ex["ctx_a"] + " " + _ex["ctx_b"]).strip(), split="val", split_type="indomain",
@@ -2125,13 +2138,16 @@ def reference_logprob(hf, context_ids, ending_ids):
 
 
 def harness_reference(hf, ex, enc):
-    """The harness's request for one example: context = its query, continuation = ' ' + choice, the pair encoded
-    whole and split after the context's own tokens; acc_norm divides by len(choice)."""
+    """The harness's request for one example: context = its query, continuation = ' ' + choice (the context's
+    trailing spaces moved to the front of the continuation), the pair encoded whole and split after the
+    context's own tokens; acc_norm divides by len(choice)."""
     query = harness_text(ex["activity_label"] + ": " + ex["ctx_a"] + " " + ex["ctx_b"].capitalize())
     choices = [harness_text(e) for e in ex["endings"]]
-    ctx_ids = enc.encode(query)
-    lls = [reference_logprob(hf, ctx_ids, enc.encode(query + " " + c)[len(ctx_ids):]) for c in choices]
-    return lls, int(np.argmax(lls)), int(np.argmax(np.array(lls) / [len(c) for c in choices]))
+    context, spaces = query.rstrip(), query[len(query.rstrip()):]
+    ctx_ids = enc.encode(context)
+    lls = [reference_logprob(hf, ctx_ids, enc.encode(context + spaces + " " + c)[len(ctx_ids):]) for c in choices]
+    lengths = [len(c) for c in choices]
+    return lls, int(np.argmax(lls)), int(np.argmax(np.array(lls) / lengths)), lengths
 
 
 def completion_reference(hf, ex, enc):
@@ -2148,7 +2164,7 @@ def completion_reference(hf, ex, enc):
                                                reduction="none").view(4, -1)
     sum_loss = (losses * mask[:, 1:]).sum(1)
     avg_loss = sum_loss / mask[:, 1:].sum(1)
-    return (-sum_loss).tolist(), sum_loss.argmin().item(), avg_loss.argmin().item()
+    return (-sum_loss).tolist(), sum_loss.argmin().item(), avg_loss.argmin().item(), mask[:, 1:].sum(1).tolist()
 
 
 @pytest.mark.parametrize("style", ["harness", "completion"])
@@ -2160,9 +2176,10 @@ def test_hellaswag_scores_equal_a_transformers_implementation(tiny, enc, style, 
     ours = list(hs.score(load(folder), examples, style, batch_size=2))  # 8 rows of different lengths a batch
     reference = harness_reference if style == "harness" else completion_reference
     for ex, result in zip(HELLASWAG, ours):
-        lls, pred, pred_norm = reference(hf, ex, enc)
+        lls, pred, pred_norm, norm_by = reference(hf, ex, enc)  # norm_by: characters (harness) or tokens
         assert np.allclose(result["logprobs"], lls, atol=1e-4, rtol=0)
         assert (result["pred"], result["pred_norm"], result["label"]) == (pred, pred_norm, ex["label"])
+        assert result["norm_by"] == norm_by
     assert hs.accuracy(ours)["n"] == len(HELLASWAG)
 
 
@@ -2265,7 +2282,7 @@ def test_evaluate_reports_model_and_baseline_with_judge_and_hellaswag(eval_run, 
     result = eval_run(*args, OLLAMA_HOST=stub.url)
     assert "reusing the answers in out/test_responses.json (iteration 1" in result.stdout
     for phase in ("test loss", "answering", "HellaSwag (harness)", "out/ckpt.pt: judge ollama:judge",
-                  "other: judge ollama:judge", "pairs: judge ollama:judge"):
+                  "other: judge ollama:judge", "model vs baseline: judge ollama:judge"):
         assert re.search(re.escape(phase) + r": \d+/\d+ \w+ \(100%\) .*done in", result.stderr), phase
     report = json.loads((root / "eval" / "report.json").read_text())
     ours, base = report["models"]
