@@ -356,8 +356,8 @@ def cpu_name():
 
 def bench_serve():
     """serve.py as clients see it: total tokens/s of serve_clients requests sent at once (batched by the server)
-    against the same requests sent one after another, and each request's latency (send to last byte), on random-init
-    weights of serve_model, greedy, each request serve_tokens new tokens after its own random prompt_len-token prompt."""
+    against the same requests sent one after another, and each request's latency (send to last byte). Random-init
+    weights of serve_model; each request: serve_tokens greedy tokens after its own random prompt_len-token prompt."""
     import json
     import re
     import subprocess

@@ -59,14 +59,15 @@ def template_of(setting, saved):
 
 
 def apply_template(text, template, input_text=""):
+    """text as the instruction of template (with input_text as its Input, if any); as it is where template is None."""
     return text if template is None else format_prompt(text, input_text, template)
 
 
 def chat_ids(enc, messages, template):
     """The token ids of a conversation ({"role", "content"} dicts, oldest first), folded into one prompt the way
     the model was trained to answer: each user message wrapped in the prompt template (as an instruction), each
-    assistant message its answer closed by <|endoftext|>, as that answer ended when it was generated; a system
-    message is plain text before the turns that follow it. The model answers after the last user message.
+    assistant message its answer closed by <|endoftext|> (where the model stopped); a system message is plain text
+    and a blank line before the turns that follow it. The model answers after the last user message.
 
     An assistant's content may be token ids (sample.py --chat keeps the ids it generated, never re-tokenized)."""
     ids = []

@@ -132,7 +132,8 @@ def messages_of(body):
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, developer, user or assistant", f"messages[{i}].role")
+            raise ApiError(400, f"messages[{i}].role must be system, developer, user or assistant",
+                           f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
@@ -321,11 +322,11 @@ class Handler(BaseHTTPRequestHandler):
         cancels the request: its rows leave the batch at the next step."""
         ending = len(request.rows)
         while ending:
+            if client_gone(self.connection):  # one select() a token: cheap
+                raise ConnectionAbortedError("the client hung up")
             try:
                 event = request.events.get(timeout=0.05)
             except queue.Empty:
-                if client_gone(self.connection):
-                    raise ConnectionAbortedError("the client hung up") from None
                 continue
             if event[0] == "error":
                 raise ApiError(503 if event[1] == "closed" else 500, event[2], kind="server_error")

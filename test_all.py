@@ -2704,28 +2704,30 @@ def read_events(sock, until="[DONE]"):
     return events
 
 
-def open_stream(port, body):
+def open_stream(port, body, stream=True):
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    data = json.dumps({**body, "stream": True}).encode()
+    data = json.dumps({**body, "stream": stream}).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     return sock
 
 
-def test_serve_client_hanging_up_mid_stream_frees_its_row_at_once(api, monkeypatch):
+def test_serve_client_hanging_up_frees_its_row_at_once(api, monkeypatch):
     real = api.gpt.next_logits
 
     def slow(*args):  # 20 ms a step: 100 tokens take 2 s
         time.sleep(0.02)
         return real(*args)
     monkeypatch.setattr(api.gpt, "next_logits", slow)
-    sock = open_stream(api.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
-    assert read_events(sock, until='"finish_reason": null')
-    wait_until(lambda: http(api, "/health")[1]["generating"] == 1)
-    sock.close()
-    hung_up = time.time()
-    wait_until(lambda: http(api, "/health")[1]["generating"] == 0, timeout=1.5)
-    assert time.time() - hung_up < 0.5
+    for stream in (True, False):  # mid-stream, or while waiting for the whole answer
+        sock = open_stream(api.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0}, stream)
+        if stream:
+            assert read_events(sock, until='"finish_reason": null')
+        wait_until(lambda: http(api, "/health")[1]["generating"] == 1)
+        sock.close()
+        hung_up = time.time()
+        wait_until(lambda: http(api, "/health")[1]["generating"] == 0, timeout=1.5)
+        assert time.time() - hung_up < 0.5
 
 
 def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
@@ -2759,6 +2761,25 @@ def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
+def test_serve_stopped_with_cancel_ends_the_texts_being_generated(tiny):
+    """What a second Ctrl-C does: a stream being generated ends at once with an error event."""
+    server = start_server(tiny[1])
+    real = server.gpt.next_logits
+
+    def slow(*args):  # 20 ms a step: 100 tokens take 2 s
+        time.sleep(0.02)
+        return real(*args)
+    server.gpt.next_logits = slow
+    sock = open_stream(server.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0})
+    assert read_events(sock, until='"finish_reason": null')
+    started = time.time()
+    server.shutdown()
+    server.stop(cancel=True)
+    events = read_events(sock, until='"error"')
+    assert "this request was cancelled" in events[-1] and time.time() - started < 1.5
+    assert not server.engine.thread.is_alive() and server.in_flight == 0
+
+
 def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser (requirements-dev)")
     chromium = "/usr/bin/chromium"
@@ -2789,14 +2810,14 @@ def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_p
     assert changes > 5 and (tmp_path / "chat.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_serve_help_and_bad_settings_are_one_line(api, tiny):
+def test_serve_help_and_bad_settings_are_one_line(api, tiny, capsys):
     import serve
     test_help_explains_every_setting_with_its_default("serve.py")
-    result = subprocess.run([sys.executable, "serve.py", "--max_batch=0", "--template=chatml", "--port=70000"],
-                            cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    for why in ["max_batch=0 must be at least 1", "template='chatml' must be one of", "port=70000 must be from 0"]:
-        assert why in result.stderr
-    taken = SimpleNamespace(**{**config_keys(vars(serve)), "model": str(tiny[1]), "port": api.server_address[1]})
-    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{api.server_address[1]} .*try --port=0"):
-        serve.make_server(taken)
+    for settings, whys in [(dict(max_batch=0, template="chatml", port=70000),  # found before anything is loaded
+                            ["max_batch=0 must be at least 1", "template='chatml' must be one of", "port=70000 must be"]),
+                           (dict(model=str(tiny[1]), port=api.server_address[1]),  # a port in use
+                            [f"cannot listen on 127.0.0.1:{api.server_address[1]} (Address already in use)"])]:
+        with pytest.raises(SystemExit) as stopped:
+            serve.main({**config_keys(vars(serve)), **settings})
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1 and all(why in err for why in whys), err
