@@ -281,8 +281,12 @@ def evaluate(name, c, data, swag, gpt_info=None):
 # ----------------------------------------------------------------------------- the judge
 
 def start_judge(c):
-    """A Judge that answered a first request (reachable, and it has the model), or a one-line error."""
-    cache = Cache(c.judge_cache or str(cache_dir() / "judge.jsonl"))
+    """A Judge that is reachable and has the model (asked before any model is loaded), or a one-line error."""
+    path = c.judge_cache or str(cache_dir() / "judge.jsonl")
+    try:
+        cache = Cache(path)
+    except OSError as e:
+        fail(f"cannot use {path} as the judge's cache ({e.strerror or e}): give judge_cache=a file you can write")
     if cache.unreadable:
         print(f"note: {cache.unreadable} unreadable line(s) in {cache.path} were skipped (an interrupted write)",
               file=sys.stderr)
