@@ -2506,7 +2506,9 @@ def test_serve_completes_like_model_generate_streamed_or_not(api, tiny, enc):
     done = client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=24, temperature=0)
     assert done.object == "text_completion" and done.choices[0].text == enc.decode(tokens)
     assert done.choices[0].finish_reason == finish
-    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (len(ids), 24, len(ids) + 24)
+    generated = len(tokens) + (finish == "stop")  # the end-of-text is generated too
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (
+        len(ids), generated, len(ids) + generated)
     chunks = list(client.completions.create(model=api.model_name, prompt=PROMPT, max_tokens=24, temperature=0,
                                             stream=True))
     assert [c.choices[0].text for c in chunks if c.choices[0].text] == streamed_pieces(enc, tokens)
