@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from configurator import checked, configure, fail, given_keys
 from data import Split, TextSplit, length_grouped_batches, load_records, padding_fraction, tokenizer
+from download import sha256_of
 from generation import answer
 from load_gpt2 import atomic_write, load_gpt2, model_from_checkpoint
 from lora import add_lora
@@ -161,14 +162,18 @@ class Instructions:
             shown.append({"instruction": instruction, "response": text})
         return shown
 
-    def write_test_responses(self, gpt, out, max_new_tokens, enc):
-        """Every test example answered, beside its reference: out/test_responses.json."""
+    def write_test_responses(self, gpt, out, max_new_tokens, enc, ckpt_path, it):
+        """Every test example answered, beside its reference: out/test_responses.json, and beside it which
+        checkpoint answered and how (evaluate.py reuses the answers only for that very file)."""
         records = load_records(self.folder, "test")
         t0 = time.time()
         answers = answer(gpt, [self.test.prompt(i) for i in range(len(self.test))], max_new_tokens, self.run.autocast,
                          what="test answers")
         results = [{**record, "model_response": enc.decode(ids).strip()} for record, ids in zip(records, answers)]
+        info = {"checkpoint": ckpt_path.name, "sha256": sha256_of(ckpt_path), "iter_num": it,
+                "max_new_tokens": max_new_tokens, "decoding": "greedy", "autocast": str(self.run.amp_dtype)}
         atomic_write(out / "test_responses.json", [json.dumps(results, indent=1).encode()])
+        atomic_write(out / "test_responses.meta.json", [json.dumps(info, indent=1).encode()])
         print(f"wrote {len(results)} answers to {out / 'test_responses.json'} in {time.time() - t0:.0f}s")
 
 
@@ -393,9 +398,14 @@ def main(config):
             print(f"{losses_line({'test': test_loss})} (best val loss {best_val:.4f})")
             log.write({"iter": it, "test_loss": test_loss})
             if c.test_responses:
-                data.write_test_responses(gpt, out, c.max_new_tokens, enc)
+                data.write_test_responses(gpt, out, c.max_new_tokens, enc, ckpt_path, it)
+            print(f"evaluate it: python evaluate.py --model={ckpt_path} --baseline={c.model} --max_new_tokens="
+                  f"{c.max_new_tokens} --out_dir={out / 'eval'}")
     if run.master:
         plot(log.records, out / "loss.png", "iter", {"loss": "train", "val_loss": "val"}, "loss")
+        if data.test is None:
+            print(f"its perplexity on any text: python finetune.py --model={ckpt_path} --dataset=<text> "
+                  f"--block_size={data.block_size} --eval_only=True")
     finish(run)
 
 

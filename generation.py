@@ -5,6 +5,7 @@ whole UTF-8 characters that stops at a stop string. sample.py, serve.py, finetun
 test_responses.json) and the scripts after them use these.
 
     answers = answer(gpt, [enc.encode_ordinary(p) for p in prompts], max_new_tokens=64)   # greedy, batched
+    sums, counts = target_logprobs(gpt, x, y)       # log-likelihood of given text (evaluate.py's loss, HellaSwag)
 """
 
 import codecs
@@ -16,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from data import ALPACA_TEMPLATE, EOT, format_prompt
+from data import ALPACA_TEMPLATE, EOT, IGNORE, format_prompt
 
 
 def pick_device(name):
@@ -186,3 +187,20 @@ def cut_at_stops(text, stops):
     """text up to the first of the stop strings in it."""
     return text[:min([i for i in map(text.find, stops) if i >= 0], default=len(text))]
 
+
+
+@torch.no_grad()
+def target_logprobs(model, idx, targets, ctx=None):
+    """(sum, count): per row of idx (B, T), the summed log-probability of its targets (B, T; the next tokens,
+    IGNORE where nothing is scored) and how many were scored. The head runs on the scored positions only:
+    a (B, T, 50257) logits tensor is never made. ctx: an autocast context, if any."""
+    was_training = model.training
+    model.eval()
+    scored = targets != IGNORE
+    with ctx or nullcontext():
+        logits = model.lm_head(model.hidden_states(idx)[scored])
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[scored][:, None])[:, 0]
+    rows = torch.arange(idx.size(0), device=idx.device)[:, None].expand_as(targets)[scored]
+    sums = torch.zeros(idx.size(0), dtype=torch.float64, device=idx.device).index_add_(0, rows, logp.double())
+    model.train(was_training)
+    return sums.tolist(), scored.sum(1).tolist()

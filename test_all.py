@@ -2466,6 +2466,619 @@ def test_chat_answers_each_line_and_forgets_on_reset(tiny, finetuned, enc):
     assert ok(eof).count("> ") == 2
 
 
+# ----------------------------------------------------------------------------- evaluate.py
+
+import collections  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import string  # noqa: E402
+import time  # noqa: E402
+
+import evaluate as ev  # noqa: E402
+from configurator import config_keys  # noqa: E402
+from data import Split  # noqa: E402
+import hellaswag as hs  # noqa: E402
+import judge as jg  # noqa: E402
+import metrics  # noqa: E402
+
+
+# --- the metrics, against rouge-score and SQuAD v1.1's official script
+
+def squad_normalize(s):
+    """SQuAD v1.1's evaluate-v1.1.py normalize_answer, step by step as written there."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(prediction, ground_truth):
+    prediction_tokens, truth_tokens = squad_normalize(prediction).split(), squad_normalize(ground_truth).split()
+    common = collections.Counter(prediction_tokens) & collections.Counter(truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision, recall = 1.0 * num_same / len(prediction_tokens), 1.0 * num_same / len(truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def perturbed(text, rng):
+    """text changed the way a model's answer differs from a reference: words dropped, swapped, repeated,
+    case and punctuation changed, articles added, or a different answer altogether."""
+    words = text.split()
+    how = rng.randrange(6)
+    if how == 0 and words:
+        words = [w for w in words if rng.random() > 0.3]
+    elif how == 1 and len(words) > 1:
+        i = rng.randrange(len(words) - 1)
+        words[i], words[i + 1] = words[i + 1], words[i]
+    elif how == 2:
+        words = [w.upper() if rng.random() < 0.3 else w + rng.choice(["", ",", "!", "..."]) for w in words]
+    elif how == 3:
+        words = [rng.choice(["the", "a", "An"]) + " " + w if rng.random() < 0.3 else w for w in words]
+    elif how == 4:
+        words = words + words[:rng.randrange(len(words) + 1)]
+    else:
+        words = rng.sample(words, len(words))[:max(1, len(words) // 2)]
+    return " ".join(words)
+
+
+def made_up_pairs(n, rng):
+    """Pairs written here: shared words, punctuation, articles, digits, accents, empty strings, repeats; a third
+    unrelated, a third one text and a perturbed copy, a third the same words in other case and punctuation."""
+    vocab = ["the", "a", "an", "The", "cat", "cats", "sat", "on", "mat", "mat.", "Paris", "paris!", "42", "4.2",
+             "don't", "co-op", "naïve", "café", "über", "(yes)", "", "   ", "-", "Mat", "an apple", "A", "THE"]
+
+    def text():
+        return " ".join(rng.choice(vocab) for _ in range(rng.randrange(0, 25)))
+    pairs = []
+    for i in range(n):
+        a = text()
+        b = text() if i % 3 == 0 else perturbed(a, rng) if i % 3 == 1 else rng.choice([a.upper(), a + "!", f"({a})"])
+        pairs.append((a, b))
+    return pairs
+
+
+def metric_pairs():
+    rng = random.Random(0)
+    pairs = made_up_pairs(300, rng)
+    if SHARED_DATA:
+        outputs = [r["output"] for r in json.loads((Path(SHARED_DATA) / "instruction-data.json").read_text())]
+        pairs += [(perturbed(out, rng), out) for out in rng.sample(outputs, 300)]
+        pairs += [(a, b) for a, b in zip(rng.sample(outputs, 50), rng.sample(outputs, 50))]  # unrelated answers
+    return pairs
+
+
+def test_rouge_l_f1_and_exact_match_equal_rouge_score_and_squad():
+    rouge_score = pytest.importorskip("rouge_score.rouge_scorer", reason="pip install -r requirements-dev.txt")
+    scorer = rouge_score.RougeScorer(["rougeL"])
+    pairs = metric_pairs()
+    assert len(pairs) >= (650 if SHARED_DATA else 300)
+    for prediction, reference in pairs:
+        ours = metrics.answer_metrics(prediction, reference)
+        assert abs(ours["rouge_l"] - scorer.score(reference, prediction)["rougeL"].fmeasure) <= 1e-6
+        assert abs(ours["token_f1"] - squad_f1(prediction, reference)) <= 1e-6
+        assert ours["exact_match"] == float(squad_normalize(prediction) == squad_normalize(reference))
+    # the pairs are no trivial ones: the scores spread over (0, 1), and some are exact matches
+    rouge = [metrics.rouge_l(p, r) for p, r in pairs]
+    assert 0.1 < np.mean(rouge) < 0.9 and sum(metrics.exact_match(p, r) for p, r in pairs) >= 3
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_examples():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50), rng.random(5000)
+    lo, hi = metrics.bootstrap_ci(small)
+    assert lo < small.mean() < hi and metrics.bootstrap_ci(small) == [lo, hi]  # seeded
+    lo2, hi2 = metrics.bootstrap_ci(large)
+    assert (hi2 - lo2) < (hi - lo) / 5  # ~1/sqrt(100) as wide
+    # the loss per token: a ratio of sums, resampled by example
+    nll, tokens = rng.random(200) * 30, rng.integers(5, 30, 200)
+    lo, hi = metrics.bootstrap_ci(nll, tokens)
+    assert lo < nll.sum() / tokens.sum() < hi
+    assert metrics.mean_ci([3.0]) == {"mean": 3.0, "ci95": None, "n": 1}
+
+
+# --- a judge on loopback: an Ollama-shaped stub, and nanoFT's own serve.py for OpenAI's /v1/chat/completions
+
+def stub_verdict(prompt):
+    """(first reply, reply when asked again, the value the judge client must keep, whether it asks again) of
+    the stub judge for a prompt:
+    a number (a letter for a pair) fixed by the prompt; a quarter of first replies are no number, and half of
+    those stay wrong when asked again (unparsable)."""
+    h = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+    good = "AB"[h % 2] if "Response A:" in prompt else str(h % 101)
+    first = good if h % 4 else "Well, it depends."
+    again = good if (h // 4) % 2 else "I cannot say."
+    kept = good if h % 4 or (h // 4) % 2 else None
+    return first, again, (int(kept) if kept and kept.isdigit() else kept), h % 4 == 0
+
+
+class JudgeStub(http.server.ThreadingHTTPServer):
+    """A judge on 127.0.0.1 that speaks Ollama's /api/tags and /api/chat (Ollama itself cannot run here),
+    answering as stub_verdict says; it can fail, be slow, and counts what it gets."""
+
+    def __init__(self, models=("judge",)):
+        super().__init__(("127.0.0.1", 0), JudgeStubHandler)
+        self.models, self.chats, self.lock = list(models), [], threading.Lock()
+        self.fail_next, self.delay, self.inflight, self.most_inflight = 0, 0.0, 0, 0
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class JudgeStubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        models = self.server.models
+        if self.path == "/api/tags":
+            return self.send_json(200, {"models": [{"name": f"{m}:latest", "model": f"{m}:latest"} for m in models]})
+        self.send_json(404, {"error": "not found"})
+
+    def do_POST(self):
+        stub = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with stub.lock:
+            stub.chats.append((self.path, body, self.headers.get("Authorization")))
+            stub.inflight += 1
+            stub.most_inflight = max(stub.most_inflight, stub.inflight)
+            failing = stub.fail_next > 0
+            stub.fail_next -= failing
+        try:
+            time.sleep(stub.delay)
+            if failing:
+                return self.send_json(503, {"error": "overloaded"})
+            if body["model"].removesuffix(":latest") not in stub.models:
+                return self.send_json(404, {"error": f"model \"{body['model']}\" not found, try pulling it first"})
+            first, again, _, _ = stub_verdict(body["messages"][0]["content"])
+            reply = first if len(body["messages"]) == 1 else again
+            self.send_json(200, {"model": body["model"], "message": {"role": "assistant", "content": reply},
+                                 "done": True})
+        finally:
+            with stub.lock:
+                stub.inflight -= 1
+
+
+@pytest.fixture()
+def judge_stub():
+    stub = JudgeStub()
+    threading.Thread(target=stub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield stub
+    stub.shutdown()
+    stub.server_close()
+
+
+def score_jobs(n):
+    return [jg.score_job(f"Name thing {i}.", "", f"Thing {i}.", f"It is thing {i * 7}.") for i in range(n)]
+
+
+def test_judge_scores_reasks_once_and_counts_unparsable(judge_stub, tmp_path):
+    judge = jg.Judge("ollama:judge", jg.Cache(str(tmp_path / "cache.jsonl")), url=judge_stub.url)
+    judge.check()
+    jobs = score_jobs(40)
+    verdicts = dict(judge.run(jobs, concurrency=4))
+    expected = [stub_verdict(job.prompt) for job in jobs]
+    assert [verdicts[i].value for i in range(40)] == [kept for _, _, kept, _ in expected]
+    assert [verdicts[i].reasked for i in range(40)] == [reasked for *_, reasked in expected]
+    assert any(v.value is None for v in verdicts.values()) and any(v.reasked and v.value for v in verdicts.values())
+    # the book's request: the prompt alone, greedy and seeded; a re-ask carries the first reply and a reminder
+    path, body, _ = judge_stub.chats[0]
+    assert path == "/api/chat" and body["stream"] is False and body["options"]["temperature"] == 0
+    assert body["messages"][0]["content"].startswith("Given the input `Below is an instruction that describes a task.")
+    assert body["messages"][0]["content"].endswith("where 100 is the best score. Respond with the integer number only.")
+    reasks = [b["messages"] for _, b, _ in judge_stub.chats if len(b["messages"]) == 3]
+    assert len(reasks) == sum(reasked for *_, reasked in expected)
+    assert reasks[0][1]["role"] == "assistant" and "integer" in reasks[0][2]["content"]
+    assert 1 < judge_stub.most_inflight <= 4
+
+
+def test_judge_cache_makes_a_rerun_free_and_resumes_after_a_torn_line(judge_stub, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    jobs = score_jobs(12)
+    judge = jg.Judge("ollama:judge", jg.Cache(str(path)), url=judge_stub.url)
+    first = {i: v.value for i, v in judge.run(jobs, 3)}
+    asked = len(judge_stub.chats)
+    again = jg.Judge("ollama:judge", jg.Cache(str(path)), url=judge_stub.url)
+    assert {i: v.value for i, v in again.run(jobs, 3)} == first and len(judge_stub.chats) == asked
+    # a run killed mid-write leaves a torn last line: skipped, and the next reply starts a line of its own
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:5]) + lines[5][:20])
+    cache = jg.Cache(str(path))
+    assert len(cache.replies) == 5 and cache.unreadable == 1
+    resumed = jg.Judge("ollama:judge", cache, url=judge_stub.url)
+    assert {i: v.value for i, v in resumed.run(jobs, 3)} == first
+    assert len(judge_stub.chats) == asked + len(lines) - 5  # only what was lost is asked again
+    assert len(jg.Cache(str(path)).replies) == len(lines)
+
+
+def test_judge_retries_with_backoff_and_times_out(judge_stub, tmp_path, monkeypatch):
+    monkeypatch.setattr(jg, "BACKOFF", 0.01)
+    judge = jg.Judge("ollama:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=judge_stub.url, retries=3)
+    judge_stub.fail_next = 2  # two 503s, then an answer
+    job = score_jobs(1)[0]
+    assert judge.judge(job).value == stub_verdict(job.prompt)[2]
+    judge_stub.fail_next = 10
+    with pytest.raises(jg.JudgeError, match=r"did not answer after 3 attempts \(last: 503 Service Unavailable: "
+                                            r"overloaded\).*run again"):
+        judge.judge(score_jobs(2)[1])
+    judge_stub.fail_next, judge_stub.delay = 0, 1.0
+    slow = jg.Judge("ollama:judge", jg.Cache(str(tmp_path / "d.jsonl")), url=judge_stub.url, retries=2, timeout=0.2)
+    t0 = time.time()
+    with pytest.raises(jg.JudgeError, match=r"after 2 attempts \(last: ReadTimeout after 0.2s\)"):
+        slow.judge(score_jobs(3)[2])
+    assert time.time() - t0 < 1.5
+
+
+def test_judge_speaks_openai_chat_completions_to_serve_py(tiny, tmp_path):
+    """The client against nanoFT's own serve.py on loopback, serving the tiny random model as 'judge': its replies
+    are nonsense, so answers are asked again and stay unparsable; every reply must be what the official OpenAI
+    client gets for the same request, and the cache must answer alone once the server is gone."""
+    server = start_server(tiny[1], name="judge", api_key="sekrit", max_batch=8)
+    try:
+        judge = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url + "/v1", key="sekrit",
+                         max_tokens=5)
+        judge.check()
+        jobs = score_jobs(6)
+        verdicts = dict(judge.run(jobs, 3))
+        client = openai_client(server, key="sekrit")
+
+        def reply(messages):
+            return client.chat.completions.create(model="judge", messages=messages, max_tokens=5, temperature=0,
+                                                  seed=123).choices[0].message.content
+        for i, job in enumerate(jobs):
+            messages = [{"role": "user", "content": job.prompt}]
+            first = reply(messages)
+            assert verdicts[i].reasked == (jg.parse_score(first) is None)
+            if verdicts[i].reasked:
+                first = reply(messages + [{"role": "assistant", "content": first},
+                                          {"role": "user", "content": job.reminder}])
+            assert (verdicts[i].text, verdicts[i].value) == (first, jg.parse_score(first))
+        assert any(v.reasked for v in verdicts.values())  # a random model gives no integers
+        for spec, key, why in (("openai:gpt-9", "sekrit", r"does not serve a model 'gpt-9'; it serves judge"),
+                               ("openai:judge", None, r"refused the request \(401 .*judge_key_env")):
+            with pytest.raises(jg.JudgeError, match=why):
+                jg.Judge(spec, jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key=key).check()
+        unchecked = jg.Judge("openai:gpt-9", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit")
+        with pytest.raises(jg.JudgeError, match=r"has no model 'gpt-9' \(400: model \"gpt-9\" is not served here"):
+            unchecked.judge(jobs[0])
+    finally:
+        stop_server(server)
+    offline = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit")
+    cached = {i: (v.value, v.text) for i, v in offline.run(jobs, 3)}
+    assert cached == {i: (v.value, v.text) for i, v in verdicts.items()}
+
+
+def test_parsing_takes_only_what_the_prompt_asks_for():
+    assert [jg.parse_score(t) for t in ["85", " 7\n", "100.", "0", "101", "85/100", "Score: 85", "8 5", ""]] == \
+        [85, 7, 100, 0, None, None, None, None, None]
+    choices = [jg.parse_choice(t) for t in ["A", " B.", "(A)", "a", "AB", "Response A"]]
+    assert choices == ["A", "B", "A", None, None, None]
+    assert jg.ollama_url("0.0.0.0") == "http://0.0.0.0:11434" and jg.ollama_url("http://h:1234/") == "http://h:1234"
+
+
+# --- HellaSwag, against straightforward transformers implementations of both ways to score it
+
+HELLASWAG = [  # the official file's format; WikiHow's markers, capitals in ctx_b, an accent, an empty ctx_b
+    {"ind": 4, "activity_label": "Rock climbing", "ctx_a": "A woman is climbing a wall outdoors.", "ctx_b": "she",
+     "label": 1, "endings": ["eats a sandwich on the couch.", "reaches for the next hold and pulls herself up.",
+                             "is shown swimming in a pool.", "puts the rope in a washing machine."]},
+    {"ind": 12, "activity_label": "Home and Garden", "ctx_a": "[header] How to plant tulips [title] Pick a sunny "
+     "spot. [step] Tulips need six hours of sun a day.", "ctx_b": "", "label": 0,
+     "endings": ["[title] Dig holes eight inches deep. [step] Put each bulb in pointy side up.",
+                 "[title] Paint the bulbs blue. [step] Blue bulbs grow faster.", "You can eat tulips raw.",
+                 "[substeps] Ask the bulbs what they want."]},
+    {"ind": 31, "activity_label": "Playing harmonica", "ctx_a": "A man holds a harmonica to his mouth.",
+     "ctx_b": "then the NASA engineer", "label": 2,
+     "endings": ["flies to the moon.", "ate a café crème.", "plays a short blues tune.", "closes the piano lid."]},
+    {"ind": 40, "activity_label": "Food and Entertaining", "ctx_a": "[header] How to make tea [title] Boil water.",
+     "ctx_b": "", "label": 3, "endings": ["[step] Drink the kettle.", "[step] Freeze it.", "[step] Plant it.",
+                                          "[step] Pour it over the tea leaves and wait three minutes."]},
+    {"ind": 57, "activity_label": "Shaving", "ctx_a": "A man lathers his face with shaving cream.", "ctx_b": "he",
+     "label": 0, "endings": ["shaves carefully with a razor.", "sings.", "opens   the fridge.",
+                             "jumps [sic] high."]},
+    {"ind": 63, "activity_label": "Home and Garden", "ctx_b": "", "label": 2,  # a query that ends in a space
+     "ctx_a": "[header] How to fold a shirt [title] Lay it flat. [step]",
+     "endings": ["Fold the sleeves in.", "Iron the café's crème brûlée.", "Fold it in half.", "日本語で畳む。"]},
+]
+for _ex in HELLASWAG:
+    _ex.update(ctx=(_ex["ctx_a"] + " " + _ex["ctx_b"]).strip(), split="val", split_type="indomain",
+               source_id=f"test~{_ex['ind']}")
+
+
+def harness_text(text):
+    """lm-evaluation-harness's hellaswag preprocess, in its order: strip, ' [title]' -> '. ', brackets out,
+    double spaces single."""
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+
+
+def reference_logprob(hf, context_ids, ending_ids):
+    with torch.no_grad():
+        logits = hf(torch.tensor([context_ids + ending_ids])).logits[0, :-1]
+    logp = torch.log_softmax(logits.double(), -1)[torch.arange(len(context_ids) - 1, logits.size(0)),
+                                                   torch.tensor(ending_ids)]
+    return logp.sum().item()
+
+
+def harness_reference(hf, ex, enc):
+    """The harness's request for one example: context = its query, continuation = ' ' + choice (the context's
+    trailing spaces moved to the front of the continuation), the pair encoded whole and split after the
+    context's own tokens; acc_norm divides by len(choice)."""
+    query = harness_text(ex["activity_label"] + ": " + ex["ctx_a"] + " " + ex["ctx_b"].capitalize())
+    choices = [harness_text(e) for e in ex["endings"]]
+    context, spaces = query.rstrip(), query[len(query.rstrip()):]
+    ctx_ids = enc.encode(context)
+    lls = [reference_logprob(hf, ctx_ids, enc.encode(context + spaces + " " + c)[len(ctx_ids):]) for c in choices]
+    lengths = [len(c) for c in choices]
+    return lls, int(np.argmax(lls)), int(np.argmax(np.array(lls) / lengths)), lengths
+
+
+def completion_reference(hf, ex, enc):
+    """build-nanogpt's hellaswag.py: the 4 rows padded into one batch, cross-entropy per position, masked to the
+    ending; acc from the summed loss, acc_norm from the mean."""
+    ctx_ids = enc.encode(ex["ctx"])
+    rows = [ctx_ids + enc.encode(" " + e) for e in ex["endings"]]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[0] * len(ctx_ids) + [1] * (len(r) - len(ctx_ids)) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        logits = hf(tokens).logits
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                                               reduction="none").view(4, -1)
+    sum_loss = (losses * mask[:, 1:]).sum(1)
+    avg_loss = sum_loss / mask[:, 1:].sum(1)
+    return (-sum_loss).tolist(), sum_loss.argmin().item(), avg_loss.argmin().item(), mask[:, 1:].sum(1).tolist()
+
+
+@pytest.mark.parametrize("style", ["harness", "completion"])
+def test_hellaswag_scores_equal_a_transformers_implementation(tiny, enc, style, tmp_path):
+    hf, folder = tiny
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in HELLASWAG))
+    examples = hs.load_hellaswag(str(path), style=style)
+    ours = list(hs.score(load(folder), examples, style, batch_size=2))  # 8 rows of different lengths a batch
+    reference = harness_reference if style == "harness" else completion_reference
+    for ex, result in zip(HELLASWAG, ours):
+        lls, pred, pred_norm, norm_by = reference(hf, ex, enc)  # norm_by: characters (harness) or tokens
+        assert np.allclose(result["logprobs"], lls, atol=1e-4, rtol=0)
+        assert (result["pred"], result["pred_norm"], result["label"]) == (pred, pred_norm, ex["label"])
+        assert result["norm_by"] == norm_by
+    assert hs.accuracy(ours)["n"] == len(HELLASWAG)
+
+
+def test_hellaswag_text_is_prepared_as_the_harness_prepares_it():
+    context, endings = hs.harness_request(HELLASWAG[1])
+    assert context == "Home and Garden: How to plant tulips. Pick a sunny spot. Tulips need six hours of sun a day."
+    # a marker at the very start leaves a space, so the harness scores "  Dig..." (two spaces): as it does
+    assert endings[0] == " Dig holes eight inches deep. Put each bulb in pointy side up."
+    assert endings[3] == " Ask the bulbs what they want."
+    harmonica = "Playing harmonica: A man holds a harmonica to his mouth. Then the nasa engineer"  # capitalize()
+    assert hs.harness_request(HELLASWAG[2])[0] == harmonica
+
+
+@pytest.mark.parametrize("line, why", [
+    ("not json", "line 2 is not JSON"),
+    ('{"ctx": "x", "endings": ["a", "b", "c"], "label": 0}', "no 'endings' list of 4 strings"),
+    ('{"ctx": "x", "endings": ["a", "b", "c", "d"]}', "label None, not 0-3"),
+    ('{"endings": ["a", "b", "c", "d"], "label": 1}', "no 'ctx' string"),
+    ('[1, 2]', "is not a JSON object"),
+    ('{"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 2}', "no activity_label/ctx_a/ctx_b strings, which the "
+                                                                  "harness style needs"),
+])
+def test_a_file_that_is_not_hellaswag_is_refused_and_not_kept(server, tmp_path, line, why):
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text(json.dumps(HELLASWAG[0]) + "\n" + line + "\n")
+    url = server(path, name=f"bad-{abs(hash(line))}.jsonl")
+    with pytest.raises(ValueError, match=re.escape(why)):
+        hs.load_hellaswag(url, tmp_path / "cache", "harness")
+    assert list((tmp_path / "cache" / "hellaswag").iterdir()) == []  # deleted: the next run downloads afresh
+
+
+# --- evaluate.py from the command line
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black"]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, server):
+    """A folder with tiny GPT-2s (context 256), an instruction dataset written here, finetune.py's checkpoint
+    of one step on it with its test_responses.json (float32, 8 tokens), a HellaSwag file served on loopback,
+    and run(*args, env=...) that runs evaluate.py there."""
+    root = tmp_path_factory.mktemp("evaluate")
+    reference_model(n_positions=256).save_pretrained(root / "tiny")
+    reference_model(seed=1, n_positions=256).save_pretrained(root / "other")  # a baseline that answers otherwise
+    records = [{"instruction": f"What color is item {i}?", "input": f"Item {i} is in box {i % 5}." if i % 3 else "",
+                "output": f"Item {i} is {COLORS[i % 7]}, like {COLORS[(i * 3) % 7]} things."} for i in range(60)]
+    write_json(root / "colors.json", records)
+    (root / "hellaswag_val.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in HELLASWAG))
+    env = {**os.environ, "NANOFT_CACHE": str(root / "cache"), "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1"}
+    trained = subprocess.run([sys.executable, str(HERE / "finetune.py"), f"--model={root / 'tiny'}",
+                              f"--dataset={root / 'colors.json'}", "--max_iters=1", "--eval_interval=1", "--lr=1e-6",
+                              "--eval_prompts=0", "--max_new_tokens=8", "--dtype=float32", "--out_dir=out"],
+                             cwd=root, env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+
+    def run(*args, check=True, **extra_env):
+        result = subprocess.run([sys.executable, str(HERE / "evaluate.py"), *args], cwd=root,
+                                env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+    run.root, run.finetune_output, run.hellaswag_url = root, trained.stdout, server(root / "hellaswag_val.jsonl")
+    return run
+
+
+def evaluate_here(eval_run, monkeypatch, capsys, *args, **env):
+    """evaluate.py's main run in this process, as its command line runs it, in eval_run's folder: (exit status,
+    stdout, stderr). Quicker than a new process, which spends seconds importing torch."""
+    monkeypatch.chdir(eval_run.root)
+    for key, value in {"NANOFT_CACHE": str(eval_run.root / "cache"), **env}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    try:
+        ev.main(configure(dict(vars(ev)), list(args)))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_finetune_says_how_to_evaluate_and_records_which_checkpoint_answered(eval_run):
+    root = eval_run.root
+    assert (f"evaluate it: python evaluate.py --model=out/ckpt.pt --baseline={root / 'tiny'} --max_new_tokens=8 "
+            f"--out_dir=out/eval") in eval_run.finetune_output
+    info = json.loads((root / "out" / "test_responses.meta.json").read_text())
+    assert info["sha256"] == hashlib.sha256((root / "out" / "ckpt.pt").read_bytes()).hexdigest()
+    assert (info["checkpoint"], info["iter_num"], info["max_new_tokens"]) == ("ckpt.pt", 1, 8)
+
+
+def test_evaluate_reports_model_and_baseline_with_judge_and_hellaswag(eval_run, monkeypatch, capsys):
+    root, stub = eval_run.root, JudgeStub()
+    threading.Thread(target=stub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    args = ["--model=out/ckpt.pt", f"--baseline={root / 'other'}", "--max_new_tokens=8", "--judge=ollama:judge",
+            "--judge_mode=both", "--hellaswag=True", f"--hellaswag_url={eval_run.hellaswag_url}", "--batch_size=4"]
+    result = eval_run(*args, OLLAMA_HOST=stub.url)
+    assert "reusing the answers in out/test_responses.json (iteration 1" in result.stdout
+    for phase in ("test loss", "answering", "HellaSwag (harness)", "out/ckpt.pt: judge ollama:judge",
+                  "other: judge ollama:judge", "model vs baseline: judge ollama:judge"):
+        assert re.search(re.escape(phase) + r": \d+/\d+ \w+ \(100%\) .*done in", result.stderr), phase
+    report = json.loads((root / "eval" / "report.json").read_text())
+    ours, base = report["models"]
+    assert ours["answers"]["answers_from"] == "test_responses.json" and base["answers"]["answers_from"] == "generated"
+    assert report["settings"]["judge"] == "ollama:judge" and ours["hellaswag"]["n"] == len(HELLASWAG)
+    records = read_jsonl(root / "data" / "colors" / "test.jsonl")
+    answers = read_jsonl(root / "eval" / "answers.jsonl")
+    saved = json.loads((root / "out" / "test_responses.json").read_text())
+    assert [a["model"]["answer"] for a in answers] == [s["model_response"] for s in saved]
+    assert any(a["model"]["answer"] != a["baseline"]["answer"] for a in answers)  # a mix-up would show
+    # every score is the stub's verdict on the book's prompt for that answer (0 for an empty answer, unasked)
+    for side, summary in (("model", ours), ("baseline", base)):
+        expected = [stub_verdict(jg.score_job(r["instruction"], r["input"], r["output"], a[side]["answer"]).prompt)[2]
+                    if a[side]["answer"] else 0 for r, a in zip(records, answers)]
+        assert [a[side]["judge"] for a in answers] == expected
+        judged = summary["answers"]["judge"]
+        assert judged["unparsable"] == expected.count(None) and judged["n"] == len(expected) - expected.count(None)
+        assert abs(judged["mean"] - np.mean([e for e in expected if e is not None])) < 1e-9
+    for r, a in zip(records, answers):  # pairwise: the order is recorded, the winner follows from it
+        first, second = (a["model"], a["baseline"]) if a["pairwise"]["A"] == "model" else (a["baseline"], a["model"])
+        choice = stub_verdict(jg.pair_job(r["instruction"], r["input"], r["output"], first["answer"],
+                                          second["answer"]).prompt)[2]
+        assert a["pairwise"]["choice"] == choice
+        assert a["pairwise"]["winner"] == (None if choice is None else a["pairwise"]["A"] if choice == "A" else
+                                           {"model": "baseline", "baseline": "model"}[a["pairwise"]["A"]])
+    assert {a["pairwise"]["A"] for a in answers} == {"model", "baseline"}  # both orders occur
+    md = (root / "eval" / "report.md").read_text()
+    assert f"| metric | `out/ckpt.pt` | `{root / 'other'}` |" in md and "| HellaSwag acc_norm |" in md
+    assert "## The five answers where the judge's scores of the model and the baseline differ most" in md
+    # the same command again, with overwrite: every judgment from the cache, the same numbers
+    asked = len(stub.chats)
+    status, _, err = evaluate_here(eval_run, monkeypatch, capsys, *args, OLLAMA_HOST=stub.url)
+    assert status == 2 and err == "error: eval/report.json is an earlier report: give another --out_dir, or " \
+                                  "--overwrite=True to replace it\n"
+    status, _, err = evaluate_here(eval_run, monkeypatch, capsys, *args, "--overwrite=True", OLLAMA_HOST=stub.url)
+    assert status == 0 and len(stub.chats) == asked, err
+    again = json.loads((root / "eval" / "report.json").read_text())
+    assert again["models"] == report["models"] and again["pairwise"] == report["pairwise"]
+    stub.shutdown()
+    stub.server_close()
+
+
+def test_evaluate_loss_counts_response_tokens_as_transformers_does(eval_run):
+    root = eval_run.root
+    hf = GPT2LMHeadModel.from_pretrained(root / "other").eval()
+    answers = read_jsonl(root / "eval" / "answers.jsonl")
+    tokens, prompt_len = split_examples(root / "data" / "colors", "test")
+    for a, ids, n in zip(answers, tokens, prompt_len):
+        labels = torch.tensor([ids])
+        labels[0, :n] = -100  # the prompt carries no loss; the response and its <|endoftext|> do
+        with torch.no_grad():
+            loss = hf(torch.tensor([ids]), labels=labels).loss.item()
+        assert a["baseline"]["tokens"] == len(ids) - n and abs(a["baseline"]["loss"] - loss) < 1e-4
+
+
+def test_evaluate_regenerates_what_finetune_answered(eval_run, monkeypatch, capsys):
+    root = eval_run.root
+    split = Split(root / "data" / "colors", "test")
+    ours = ev.generate_answers(load(root / "out" / "ckpt.pt"), split, list(range(len(split))), 8, 4,
+                               ev.Progress("answering", len(split)))
+    assert ours == [s["model_response"] for s in json.loads((root / "out" / "test_responses.json").read_text())]
+    status, _, err = evaluate_here(eval_run, monkeypatch, capsys, "--model=out/ckpt.pt", "--max_new_tokens=4",
+                                   "--limit=2", "--out_dir=eval-short")
+    assert status == 0 and "not reusing out/test_responses.json: it has max_new_tokens=8 (not 4)" in err
+    report = json.loads((root / "eval-short" / "report.json").read_text())
+    assert report["models"][0]["answers"]["n"] == 2 and report["models"][0]["answers"]["answers_from"] == "generated"
+    # the answers belong to the file with the recorded sha256, whatever its name; a changed file gets its own
+    shutil.copy(root / "out" / "ckpt.pt", root / "out" / "same.pt")
+    ckpt = torch.load(root / "out" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["ln_f.bias"] += 1e-3
+    torch.save(ckpt, root / "out" / "changed.pt")
+    for name, said in (("same.pt", "reusing the answers in out/test_responses.json (iteration 1"),
+                       ("changed.pt", "not reusing out/test_responses.json: its answers are ckpt.pt's at iteration 1, "
+                                      "not this file's")):
+        status, out, err = evaluate_here(eval_run, monkeypatch, capsys, f"--model=out/{name}", "--max_new_tokens=8",
+                                         "--limit=1", f"--out_dir=eval-{name}")
+        assert status == 0 and said in out + err
+
+
+def test_evaluate_refuses_bad_input_in_one_line(eval_run, judge_stub, monkeypatch, capsys):
+    root = eval_run.root
+    (root / "notes.txt").write_text("Plain text has no reference answers.\n" * 50)
+    gpt = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    torch.save({"kind": "classifier", "labels": ["ham", "spam"], "model": gpt.state_dict(),
+                "model_config": vars(gpt.config)}, root / "classifier.pt")
+    port, served = free_port(), start_server(root / "tiny", name="judge")  # serve.py as an OpenAI-compatible judge
+    for args, env, message in [
+        (["--judge=ollama:llama3.1"], {"OLLAMA_HOST": f"127.0.0.1:{port}"},
+         f"cannot reach the judge at http://127.0.0.1:{port} (ConnectionError): start Ollama with `ollama serve`"),
+        (["--judge=ollama:llama3.1"], {"OLLAMA_HOST": judge_stub.url},
+         f"Ollama at {judge_stub.url} has no model 'llama3.1': run `ollama pull llama3.1` (it has judge:latest)"),
+        (["--judge=openai:gpt-9", f"--judge_url={served.url}/v1"], {},
+         f"the judge at {served.url} does not serve a model 'gpt-9'; it serves judge: give --judge=openai:judge"),
+        ([f"--model={root / 'tiny'}", "--dataset=notes.txt"], {},
+         "dataset 'notes.txt' has no reference answers (text data)"),
+        ([f"--model={root / 'tiny'}"], {}, "does not say what it was trained on"),
+        (["--model=classifier.pt"], {},
+         "is a text classifier (ham, spam) written by classify.py, not a language model"),
+        (["--judge=llama3", "--judge_mode=pairwise", "--answers=False"], {},
+         "judge='llama3' must be ollama:MODEL (e.g. ollama:llama3.1) or openai:MODEL; the judge scores the test "
+         "split's answers: it needs answers=True; judge_mode=pairwise compares the model with the baseline: give "
+         "--baseline; answers=False and hellaswag=False: nothing to evaluate"),
+    ]:
+        status, _, err = evaluate_here(eval_run, monkeypatch, capsys, "--model=out/ckpt.pt", *args,
+                                       f"--out_dir=bad-{port}", **env)
+        last = err.splitlines()[-1]
+        assert status == 2 and last.startswith("error: ") and message in last, err
+    stop_server(served)
+    assert not (root / f"bad-{port}").exists()
+    # and from the command line: one line on stderr, nothing else
+    result = eval_run("--model=classifier.pt", "--out_dir=bad-cli", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a text classifier" in result.stderr
+
+
+def test_evaluate_help_explains_every_setting(capsys):
+    code, out = run_configure(dict(vars(ev)), ["--help"], capsys)
+    settings = [line for line in out.splitlines() if line.startswith("  --")]
+    assert code == 0 and len(settings) == len(config_keys(vars(ev))) > 20
+    for line in settings:  # --key = default  # the comment at the setting's definition
+        default, _, comment = line.strip().partition(" = ")[2].partition("  # ")
+        assert default and len(comment) > 8, line
+
+
 # ----------------------------------------------------------------------------- serve.py
 
 
