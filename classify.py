@@ -24,16 +24,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
+from checkpoints import (RunLog, SaveError, claim_out_dir, read_resume_checkpoint, restore_training_state,
+                         resumed_config, save_atomic, training_state)
 from configurator import checked, configure, fail, given_keys
 from data import EOT, Split, length_grouped_batches, tokenizer
-from generation import pick_device
+from generation import clock, pick_device
 from load_gpt2 import atomic_write, build, check_state, config_from_dict, load_gpt2, read_checkpoint, restore_lora
 from lora import add_lora
 from model import GPT, PRESETS
-from training import (Run, RunLog, SaveError, StopOnSigint, check_machinery, claim_out_dir, dataset_folder, eta,
-                      finish, lora_settings, lr_at, make_optimizer, optimizer_step, pick_dtype, plot, prepare_dataset,
-                      read_resume_checkpoint, restore_training_state, resumed_config, save_atomic, set_lr, start_run,
-                      stop_unless_finite, trainable_line, training_state, wrap)
+from training import (Run, StopOnSigint, check_machinery, dataset_folder, finish, lora_settings, lr_at, make_optimizer,
+                      optimizer_step, pick_dtype, plot, prepare_dataset, set_lr, start_run, stop_unless_finite,
+                      trainable_line, wrap)
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # training: a GPT-2 name, HF folder or .safetensors; predicting: a classifier's ckpt.pt
@@ -184,7 +185,7 @@ def print_report(split, confusion, labels):
 def epoch_line(r, epochs, seconds_left):
     val = f" | val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%}" if "val_loss" in r else ""
     return (f"epoch {r['epoch']}/{epochs} | train loss {r['train_loss']:.4f} acc {r['train_acc']:.2%}{val} | "
-            f"{r['examples_per_s']:.1f} examples/s | {r['seconds']:.1f}s | ETA {eta(seconds_left)}")
+            f"{r['examples_per_s']:.1f} examples/s | {r['seconds']:.1f}s | ETA {clock(seconds_left)}")
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -17,7 +17,6 @@ judge scored most differently), answers.jsonl and hellaswag.jsonl (per example) 
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ import hellaswag as hs
 from configurator import checked, configure, fail
 from data import Split, collate, load_records, tokenizer
 from download import DownloadError, sha256_of
-from generation import answer, pick_device, target_logprobs, weights_dtype
+from generation import Progress, answer, clock, cpu_name, pick_device, target_logprobs, weights_dtype
 from judge import Cache, Judge, JudgeError, compare_answers, score_answers
 from load_gpt2 import cache_dir, load_model
 from metrics import answer_metrics, bootstrap_ci, mean_ci
 from prepare import prepare
+from weights import atomic_write
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # what to evaluate: finetune.py's ckpt.pt, a GPT-2 name, a Hugging Face folder or a .safetensors file
@@ -89,37 +89,6 @@ def check_settings(c):
     if not (c["answers"] or c["hellaswag"]):
         problems.append("answers=False and hellaswag=False: nothing to evaluate")
     return problems
-
-
-class Progress:
-    """'what: done/total (pct) | rate | ETA' on stderr: in place on a terminal, a line every 5 s in a log."""
-
-    def __init__(self, what, total, unit="examples"):
-        self.what, self.total, self.unit, self.done, self.tty = what, total, unit, 0, sys.stderr.isatty()
-        self.start = self.shown = time.time()
-        self.update(0)
-
-    def update(self, n=1):
-        self.done += n
-        now, end = time.time(), self.done >= self.total
-        if n and not end and now - self.shown < (0.5 if self.tty else 5):
-            return
-        elapsed = now - self.start
-        if end:
-            when = f"done in {clock(elapsed)}"
-        else:
-            when = f"ETA {clock(elapsed * (self.total - self.done) / self.done)}" if self.done else "ETA ?"
-        line = (f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%) "
-                f"| {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
-        if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
-            print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-        self.shown = now
-
-
-def clock(seconds):
-    return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
 
 
 # ----------------------------------------------------------------------------- the models and the data
@@ -227,10 +196,11 @@ def why_not_reused(path, info, responses, records, max_new_tokens):
 def evaluate_answers(gpt, name, c, folder, records):
     """The test-split part for one model: {'summary', 'examples'} (each example's answer, loss and metrics)."""
     split, indices = Split(folder, "test"), list(range(len(records)))
-    nll, tokens = response_losses(gpt, split, indices, c.batch_size, Progress(f"{name}: test loss", len(indices)))
+    nll, tokens = response_losses(gpt, split, indices, c.batch_size,
+                                  Progress(f"{name}: test loss", len(indices), quiet=0))
     texts, source = saved_answers(name, records, c.max_new_tokens), "test_responses.json"
     if texts is None:
-        progress = Progress(f"{name}: answering", len(indices))
+        progress = Progress(f"{name}: answering", len(indices), quiet=0)
         texts, source = generate_answers(gpt, split, indices, c.max_new_tokens, c.batch_size, progress), "generated"
     examples = [{"answer": t, "loss": l / n if n else None, "tokens": n, **answer_metrics(t, r["output"])}
                 for t, l, n, r in zip(texts, nll, tokens, records)]
@@ -255,7 +225,7 @@ def hellaswag_examples(c):
 
 
 def evaluate_hellaswag(gpt, name, c, examples):
-    progress, results = Progress(f"{name}: HellaSwag ({c.hellaswag_style})", len(examples)), []
+    progress, results = Progress(f"{name}: HellaSwag ({c.hellaswag_style})", len(examples), quiet=0), []
     for result in hs.score(gpt, examples, c.hellaswag_style, c.batch_size):
         results.append(result)
         progress.update()
@@ -301,7 +271,7 @@ def start_judge(c):
 
 def asking(judge, what, n, unit, ask):
     """ask(on_each) with progress; a judge that stops answering is a one-line error, Ctrl-C leaves at once."""
-    progress = Progress(what, n, unit)
+    progress = Progress(what, n, unit, quiet=0)
     try:
         return ask(progress.update)
     except JudgeError as e:
@@ -461,9 +431,7 @@ def chart(results, path):
 
 
 def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, [text.encode("utf-8")])
 
 
 def write_report(out, c, config, data, results, pairwise, seconds):
@@ -487,11 +455,6 @@ def write_report(out, c, config, data, results, pairwise, seconds):
     drew = chart(results, out / "report.png")
     write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")  # last: a folder with it is a report
     print(f"wrote {out / 'report.md'}, report.json{', report.png' if drew else ''} in {clock(seconds)}")
-
-
-def cpu_name():
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.machine())
 
 
 def main(config):

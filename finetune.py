@@ -21,16 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoints import (RunLog, SaveError, claim_out_dir, read_resume_checkpoint, restore_training_state,
+                         resumed_config, save_atomic, training_state)
 from configurator import checked, configure, fail, given_keys
 from data import Split, TextSplit, length_grouped_batches, load_records, padding_fraction, tokenizer
 from download import sha256_of
-from generation import answer
+from generation import answer, clock
 from load_gpt2 import atomic_write, load_gpt2, model_from_checkpoint
 from lora import add_lora
-from training import (RunLog, SaveError, StopOnSigint, check_machinery, claim_out_dir, dataset_folder, eta,
-                      evaluate_loss, finish, lora_settings, lr_at, make_optimizer, optimizer_step, plot,
-                      prepare_dataset, read_resume_checkpoint, restore_training_state, resumed_config, save_atomic,
-                      set_lr, start_run, stop_unless_finite, trainable_line, training_state, wrap)
+from training import (StopOnSigint, check_machinery, dataset_folder, evaluate_loss, finish, lora_settings, lr_at,
+                      make_optimizer, optimizer_step, plot, prepare_dataset, set_lr, start_run, stop_unless_finite,
+                      trainable_line, wrap)
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a previous run's ckpt.pt
@@ -369,7 +370,7 @@ def main(config):
             dt = (now - t_last) / (it - last_logged)
             dt_avg = dt if dt_avg is None else 0.7 * dt_avg + 0.3 * dt
             print(f"iter {it}/{total_iters} | epoch {it / steps_per_epoch:.2f} | loss {loss:.4f} | lr {lr_now:.2e} "
-                  f"| {tokens / (now - t_last):.0f} tok/s | {dt * 1000:.0f} ms/iter | ETA {eta(dt_avg * (total_iters - it))}",
+                  f"| {tokens / (now - t_last):.0f} tok/s | {dt * 1000:.0f} ms/iter | ETA {clock(dt_avg * (total_iters - it))}",
                   flush=True)
             log.write({"iter": it, "epoch": it / steps_per_epoch, "loss": loss, "lr": lr_now,
                        "tokens_per_s": tokens / (now - t_last), "ms_per_iter": dt * 1000})

@@ -10,6 +10,7 @@ test_responses.json) and the scripts after them use these.
 
 import codecs
 import os
+import platform
 import re
 import sys
 import time
@@ -121,7 +122,7 @@ def answer(model, prompts, max_new_tokens, ctx=None, batch_size=8, what="answers
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding, and similar answers
-    answers, progress = [None] * len(prompts), Progress(what, len(prompts))
+    answers, progress = [None] * len(prompts), Progress(what, len(prompts), "prompts")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         idx, valid = left_pad([list(prompts[i][-(model.config.block_size - 1):]) for i in batch], model.wte.weight.device)
@@ -135,22 +136,45 @@ def answer(model, prompts, max_new_tokens, ctx=None, batch_size=8, what="answers
 
 
 class Progress:
-    """A line on stderr for work of `total` steps, at most every `every` seconds: what, how far, and an ETA.
-    Work that ends within its first `every` seconds prints nothing."""
+    """'what: done/total unit (pct) | rate | ETA' on stderr for long work: in place on a terminal, a line every
+    5 s in a log; nothing for work that ends within its first `quiet` seconds (0: a line at the end, always)."""
 
-    def __init__(self, what, total, every=2.0):
-        self.what, self.total, self.every = what, total, every
-        self.done, self.start = 0, time.time()
-        self.shown = self.start
+    def __init__(self, what, total, unit="examples", quiet=2.0):
+        self.what, self.total, self.unit, self.done, self.tty = what, total, unit, 0, sys.stderr.isatty()
+        self.start = self.shown = time.time()
+        self.printed, self.quiet = False, quiet
 
     def update(self, n=1):
         self.done += n
-        now = time.time()
-        if now - self.shown >= self.every or (self.done >= self.total and self.shown > self.start):
-            left = (now - self.start) / self.done * (self.total - self.done)
-            print(f"  {self.what}: {self.done}/{self.total}, {now - self.start:.0f}s, ETA {left:.0f}s",
-                  file=sys.stderr, flush=True)
-            self.shown = now
+        now, end = time.time(), self.done >= self.total
+        if now - self.start < self.quiet and not (end and self.printed):
+            return
+        if not end and now - self.shown < (0.5 if self.tty else 5) and self.printed:
+            return
+        elapsed = now - self.start
+        when = f"done in {clock(elapsed)}" if end else f"ETA {clock(elapsed * (self.total - self.done) / self.done)}"
+        line = (f"{self.what}: {self.done}/{self.total}{' ' + self.unit if self.unit else ''} "
+                f"({100 * self.done / max(self.total, 1):.0f}%) | {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
+        if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
+            print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        self.shown, self.printed = now, True
+
+
+def clock(seconds):
+    """Seconds as '3m07s'."""
+    return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+
+
+def cpu_name():
+    """The CPU's model name and core count, for every speed report (Linux; else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
 
 
 class TextStream:

@@ -91,7 +91,7 @@ def attention_by_matmul(q, k, v, mask=None, dropout=0.0):
     positions), as plain matmuls. Under bf16 autocast the attention weights stay in bf16 (SDPA keeps fp32).
 
     For training on the CPU: up to 512 tokens, PyTorch's CPU flash-attention kernel takes twice as long for
-    forward and backward as these batched matmuls (bench.py --what=train), and the (T, T) weights stay small.
+    forward and backward as these batched matmuls (bench_train.py), and the (T, T) weights stay small.
     """
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     if mask is None:

@@ -26,6 +26,12 @@ def ready_for_generation(gpt, quantize="none", compile=False):
     return gpt
 
 
+def model_bytes(gpt):
+    """Memory the model's weights take: every parameter and buffer, tied tensors once."""
+    tensors = {id(t): t for t in [*gpt.parameters(), *gpt.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 # ----------------------------------------------------------------------------- int8 weights
 
 class Int8Linear(nn.Module):

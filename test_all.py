@@ -4,15 +4,19 @@ dependency): random-init models saved with save_pretrained, so the files are rea
 Downloads are tested against a hub-like server on 127.0.0.1. Run: python -m pytest test_all.py
 """
 
+import collections
 import hashlib
 import http.server
 import io
 import json
 import math
 import os
+import random
 import re
+import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -28,13 +32,17 @@ import tiktoken
 import torch
 
 import download
+import evaluate as ev
+import hellaswag as hs
+import judge as jg
 import load_gpt2
+import metrics
 import prepare as pp
 import readers
 from classify import (Classifier, LabelledSplit, collate_labelled, freeze, head_trains_unless_adapted, load_classifier,
                       pool)
 from configurator import config_keys, configure
-from data import (ALPACA_TEMPLATE, IGNORE, TextSplit, collate, format_prompt, length_grouped_batches, load_records,
+from data import (ALPACA_TEMPLATE, IGNORE, Split, TextSplit, collate, format_prompt, length_grouped_batches, load_records,
                   load_split, padding_fraction)
 from download import DownloadError
 from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template
@@ -44,7 +52,8 @@ from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
 from prepare import prepare
 from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
-from training import Run, RunLog, evaluate_loss, lora_settings, make_optimizer, read_log, save_atomic, trainable_line
+from checkpoints import RunLog, read_log, save_atomic
+from training import Run, evaluate_loss, lora_settings, make_optimizer, trainable_line
 from weights import read_safetensors, write_safetensors
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation: pip install -r requirements-dev.txt")
@@ -2468,19 +2477,6 @@ def test_chat_answers_each_line_and_forgets_on_reset(tiny, finetuned, enc):
 
 # ----------------------------------------------------------------------------- evaluate.py
 
-import collections  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import string  # noqa: E402
-import time  # noqa: E402
-
-import evaluate as ev  # noqa: E402
-from configurator import config_keys  # noqa: E402
-from data import Split  # noqa: E402
-import hellaswag as hs  # noqa: E402
-import judge as jg  # noqa: E402
-import metrics  # noqa: E402
 
 
 # --- the metrics, against rouge-score and SQuAD v1.1's official script
@@ -2543,8 +2539,8 @@ def made_up_pairs(n, rng):
 def metric_pairs():
     rng = random.Random(0)
     pairs = made_up_pairs(300, rng)
-    if SHARED_DATA:
-        outputs = [r["output"] for r in json.loads((Path(SHARED_DATA) / "instruction-data.json").read_text())]
+    if os.environ.get("NANOFT_SHARED_DATA"):  # and real answers, where the real instruction data is at hand
+        outputs = [r["output"] for r in json.loads((Path(os.environ["NANOFT_SHARED_DATA"]) / "instruction-data.json").read_text())]
         pairs += [(perturbed(out, rng), out) for out in rng.sample(outputs, 300)]
         pairs += [(a, b) for a, b in zip(rng.sample(outputs, 50), rng.sample(outputs, 50))]  # unrelated answers
     return pairs
@@ -2554,7 +2550,7 @@ def test_rouge_l_f1_and_exact_match_equal_rouge_score_and_squad():
     rouge_score = pytest.importorskip("rouge_score.rouge_scorer", reason="pip install -r requirements-dev.txt")
     scorer = rouge_score.RougeScorer(["rougeL"])
     pairs = metric_pairs()
-    assert len(pairs) >= (650 if SHARED_DATA else 300)
+    assert len(pairs) >= (650 if os.environ.get("NANOFT_SHARED_DATA") else 300)
     for prediction, reference in pairs:
         ours = metrics.answer_metrics(prediction, reference)
         assert abs(ours["rouge_l"] - scorer.score(reference, prediction)["rougeL"].fmeasure) <= 1e-6
@@ -3113,7 +3109,7 @@ def openai_client(server, key="none"):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def http(server, path, body=None, headers=None, method=None):
+def raw_request(server, path, body=None, headers=None, method=None):
     """(status, JSON body) of one plain HTTP request; body: a dict (sent as JSON) or bytes."""
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
@@ -3256,14 +3252,14 @@ def test_serve_sixteen_concurrent_clients_each_get_their_own_answer(api, tiny, e
         answers = list(pool.map(ask, range(16)))
     assert answers == [enc.decode(greedy_ids(ours, enc.encode_ordinary(p), n)) for p, n in zip(prompts, lengths)]
     assert max(seen["step"]) == 8 and max(seen["join"]) > 0  # a full batch, and rows joined a running one
-    assert http(api, "/health")[1] == {"status": "ok", "model": api.model_name, "generating": 0, "waiting": 0}
+    assert raw_request(api, "/health")[1] == {"status": "ok", "model": api.model_name, "generating": 0, "waiting": 0}
 
 
 def test_serve_long_prompt_is_cut_from_the_left_and_the_answer_says_so(api, tiny, enc):
     ours = load(tiny[1])
     words = " ".join(f"word{i}" for i in range(200))  # ~400 tokens; the tiny context is 128
     ids = enc.encode_ordinary(words)
-    status, body = http(api, "/v1/completions", {"prompt": words, "max_tokens": 20, "temperature": 0})
+    status, body = raw_request(api, "/v1/completions", {"prompt": words, "max_tokens": 20, "temperature": 0})
     assert status == 200 and body["usage"]["prompt_tokens"] == 108
     assert body["warnings"] == [f"the prompt is {len(ids)} tokens: only its last 108 are kept, so that "
                                 "max_new_tokens=20 fit in the 128-token context"]
@@ -3301,18 +3297,18 @@ def test_serve_long_prompt_is_cut_from_the_left_and_the_answer_says_so(api, tiny
     ("/v1/embeddings", {"input": "hi"}, 404, None, "no POST /v1/embeddings"),
 ])
 def test_serve_rejects_bad_input_with_an_openai_error_naming_the_field(api, path, body, status, param, why):
-    got, answer = http(api, path, body)
+    got, answer = raw_request(api, path, body)
     assert got == status and answer["error"]["param"] == param and why in answer["error"]["message"]
     assert answer["error"]["type"] == "invalid_request_error"
 
 
 def test_serve_refuses_oversized_unframed_and_non_json_bodies_and_the_client_sees_the_field(api):
     # answered from the headers, before any of the body is read (a client still sending it would see a broken pipe)
-    status, answer = http(api, "/v1/completions", b"", {"Content-Length": str(api.c.max_body + 1)})
+    status, answer = raw_request(api, "/v1/completions", b"", {"Content-Length": str(api.c.max_body + 1)})
     assert status == 413 and "max_body" in answer["error"]["message"]
-    status, answer = http(api, "/v1/completions", iter([b'{"prompt": "hi"}']), {"Transfer-Encoding": "chunked"})
+    status, answer = raw_request(api, "/v1/completions", iter([b'{"prompt": "hi"}']), {"Transfer-Encoding": "chunked"})
     assert status == 411
-    status, answer = http(api, "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"})
+    status, answer = raw_request(api, "/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"})
     assert status == 415 and "Content-Type: application/json" in answer["error"]["message"]
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError) as error:
@@ -3331,14 +3327,14 @@ def test_serve_answers_429_past_the_queue_limit(tiny):
     server.gpt.next_logits = held
     results = []
     body = {"prompt": "hi", "max_tokens": 3}
-    threads = [threading.Thread(target=lambda: results.append(http(server, "/v1/completions", body))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(raw_request(server, "/v1/completions", body))) for _ in range(3)]
     try:
         threads[0].start()
         assert entered.wait(10)
         for t in threads[1:]:
             t.start()
-        wait_until(lambda: http(server, "/health")[1]["waiting"] == 2)
-        status, answer = http(server, "/v1/completions", body)
+        wait_until(lambda: raw_request(server, "/health")[1]["waiting"] == 2)
+        status, answer = raw_request(server, "/v1/completions", body)
         assert status == 429 and answer["error"]["type"] == "rate_limit_error" and "max_queue" in answer["error"]["message"]
     finally:
         gate.set()
@@ -3352,14 +3348,14 @@ def test_serve_needs_the_api_key_when_one_is_set(tiny):
     openai = pytest.importorskip("openai")
     server = start_server(tiny[1], api_key="open sesame")
     try:
-        status, answer = http(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        status, answer = raw_request(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
         assert status == 401 and answer["error"]["type"] == "authentication_error"
-        assert http(server, "/v1/models")[0] == 401
+        assert raw_request(server, "/v1/models")[0] == 401
         with pytest.raises(openai.AuthenticationError):
             openai_client(server, "open says me").models.list()
         done = openai_client(server, "open sesame").completions.create(model=server.model_name, prompt="hi", max_tokens=2)
         assert done.usage.completion_tokens >= 1
-        assert http(server, "/health")[0] == 200  # the page and the health check need no key
+        assert raw_request(server, "/health")[0] == 200  # the page and the health check need no key
     finally:
         stop_server(server)
 
@@ -3396,10 +3392,10 @@ def test_serve_client_hanging_up_frees_its_row_at_once(api, monkeypatch):
         sock = open_stream(api.server_address[1], {"prompt": PROMPT, "max_tokens": 100, "temperature": 0}, stream)
         if stream:
             assert read_events(sock, until='"finish_reason": null')
-        wait_until(lambda: http(api, "/health")[1]["generating"] == 1)
+        wait_until(lambda: raw_request(api, "/health")[1]["generating"] == 1)
         sock.close()
         hung_up = time.time()
-        wait_until(lambda: http(api, "/health")[1]["generating"] == 0, timeout=1.5)
+        wait_until(lambda: raw_request(api, "/health")[1]["generating"] == 0, timeout=1.5)
         assert time.time() - hung_up < 0.5
 
 
@@ -3416,9 +3412,9 @@ def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
         sock = open_stream(port, {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
         first = read_events(sock, until='"finish_reason": null')
         waiting = []
-        behind = threading.Thread(target=lambda: waiting.append(http(server, "/v1/completions", {"prompt": "hi"})))
+        behind = threading.Thread(target=lambda: waiting.append(raw_request(server, "/v1/completions", {"prompt": "hi"})))
         behind.start()
-        wait_until(lambda: http(server, "/health")[1]["waiting"] == 1)
+        wait_until(lambda: raw_request(server, "/health")[1]["waiting"] == 1)
         proc.send_signal(2)
         rest = read_events(sock)
         behind.join(30)
