@@ -12,6 +12,7 @@ import atexit
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,32 +26,51 @@ from configurator import fail
 RESULTS = ("ckpt.pt", "best.pt", "log.jsonl", "test_responses.json", "loss.png", "metrics.json", "accuracy.png")
 
 
-def claim_out_dir(out, resume, overwrite):
-    """Make out the folder of this run (call on rank 0 before anything is written there). Refused: a folder
-    another run is writing to (out/run.lock holds its pid), and an earlier run's results with neither
-    resume=True (go on with them) nor overwrite=True (delete them) said."""
-    found = [name for name in RESULTS if (out / name).exists()]
+def check_out_dir(out, resume, overwrite):
+    """Refuse, before any work, an out_dir that holds an earlier run's results when neither resume=True (go on
+    with them) nor overwrite=True (replace them) is said, and results that are no plain files (a link could lead a
+    write outside out_dir). Returns the results found."""
+    if out.exists() and not out.is_dir():
+        fail(f"out_dir {out} is a file, not a folder: choose another --out_dir")
+    found = [name for name in RESULTS if (out / name).exists() or (out / name).is_symlink()]
+    odd = [name for name in found if (out / name).is_symlink() or not (out / name).is_file()]
+    if odd:
+        fail(f"{out} holds {', '.join(odd)} as a link or a folder, not a file this project wrote: remove "
+             f"{'it' if len(odd) == 1 else 'them'}, or choose another --out_dir")
     if found and not (resume or overwrite):
         fail(f"{out} already holds an earlier run's {', '.join(found)}: continue that run with --resume=True, start "
-             f"over there with --overwrite=True (deletes them), or choose another --out_dir")
-    out.mkdir(parents=True, exist_ok=True)
+             f"over there with --overwrite=True (replaces them), or choose another --out_dir")
+    return found
+
+
+def claim_out_dir(out, resume, overwrite):
+    """Make out the folder of this run (on rank 0, once the model is loaded, before anything is written there):
+    check_out_dir's rules, then out/run.lock, holding this process's id, refuses a second run into the same folder
+    while this one lives; with overwrite=True, the earlier run's results are deleted now."""
+    found = check_out_dir(out, resume, overwrite)
     lock = out / "run.lock"
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = lock.read_text().strip()
-        if pid.isdigit() and process_alive(int(pid)):
-            fail(f"another run (process {pid}) is writing to {out}: wait for it to end, or use another --out_dir "
-                 f"(if no such run exists, delete {lock})")
-        lock.unlink(missing_ok=True)  # left by a run that was killed: take it over
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    atexit.register(lambda: lock.unlink(missing_ok=True) if lock.exists() and lock.read_text() == str(os.getpid())
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock.read_text().strip() if lock.is_file() and not lock.is_symlink() else ""
+            if pid.isdigit() and process_alive(int(pid)):
+                fail(f"another run (process {pid}) is writing to {out}: wait for it to end, or use another --out_dir "
+                     f"(if no such run exists, delete {lock})")
+            if lock.is_dir() and not lock.is_symlink():
+                fail(f"{lock} is a folder: remove it, or choose another --out_dir")
+            lock.unlink()  # left by a run that was killed: take it over
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        if overwrite:
+            for name in found:
+                (out / name).unlink()
+    except OSError as e:
+        fail(f"could not take {out} for this run ({e.strerror or e}): check that it is a folder you can write to")
+    atexit.register(lambda: lock.unlink(missing_ok=True) if lock.is_file() and lock.read_text() == str(os.getpid())
                     else None)
-    if overwrite:
-        for name in found:
-            (out / name).unlink()
 
 
 def process_alive(pid):
@@ -200,6 +220,7 @@ class RunLog:
     def __init__(self, out, start_iter=0, resumed=False, wandb=None):
         self.path, self.wandb = out / "log.jsonl", wandb
         self.records = read_log(self.path) if resumed else []
+        self.torn = resumed and self.path.is_file() and self.path.stat().st_size and not ends_line(self.path)
         if resumed:
             self.records = [r for r in self.records if r["iter"] <= start_iter]
             self.write({"iter": start_iter, "resumed": True})
@@ -207,30 +228,43 @@ class RunLog:
     def write(self, record):
         if not record.get("resumed"):
             self.records.append(record)
+        line = ("\n" if self.torn else "") + json.dumps(record) + "\n"  # a torn last line gets its own
         try:
-            torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
-            with open(self.path, "a") as f:
-                f.write(("\n" if torn else "") + json.dumps(record) + "\n")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "a") as f:
+                f.write(line)
         except OSError as e:
             fail(f"could not append to {self.path} ({e.strerror or e}): free some disk space; the checkpoints "
                  f"written so far are intact", status=1)
+        self.torn = False
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
+
+
+def ends_line(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+MAX_LOG = 1 << 30  # a log.jsonl larger than 1 GB is no log of ours
 
 
 def read_log(path):
     """The records of a log.jsonl as the run stands: a torn line (a crash mid-write) is skipped with a note,
     and what came after a resume's iteration before that resume is left out."""
-    records = []
-    if not Path(path).exists():
+    records, path = [], Path(path)
+    if not path.exists():
         return records
-    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_LOG:
+        fail(f"{path} is not a log this project wrote (a link, not a file, or over {MAX_LOG:,} bytes): move it away")
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("iter"), (int, float)):
                 raise ValueError("not a log record")
         except (ValueError, RecursionError):
-            print(f"note: line {n} of {path} is not a whole record (a crash while writing?): skipped")
+            print(f"note: line {n} of {path} is not a whole record (a crash while writing?): skipped", file=sys.stderr)
             continue
         if record.get("resumed"):
             records = [r for r in records if r["iter"] <= record["iter"]]

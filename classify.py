@@ -13,6 +13,7 @@ real token: padding is on the right, so causal attention keeps it from seeing an
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -24,8 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-from checkpoints import (RunLog, SaveError, claim_out_dir, read_resume_checkpoint, restore_training_state,
-                         resumed_config, save_atomic, training_state)
+from checkpoints import (RunLog, SaveError, check_out_dir, claim_out_dir, read_resume_checkpoint,
+                         restore_training_state, resumed_config, save_atomic, training_state)
 from configurator import checked, configure, fail, given_keys
 from data import EOT, Split, length_grouped_batches, tokenizer
 from generation import clock, pick_device
@@ -217,7 +218,12 @@ def load_classifier(ckpt, device="cpu", dropout=0.0, merge_lora=True, path="the 
     state.pop("lm_head.weight", None)  # tied to wte
     clf = Classifier(build(config, check_state(state, config), device, dropout=dropout), len(ckpt["labels"]),
                      ckpt["pooling"]).to(device)
-    clf.head.load_state_dict({k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")})
+    head = {k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")}
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in head.items()}
+    if shapes != {k: tuple(v.shape) for k, v in clf.head.state_dict().items()}:
+        raise ValueError(f"{path}: its head ({shapes or 'none'}) does not fit {len(ckpt['labels'])} labels and "
+                         f"n_embd={config.n_embd}")
+    clf.head.load_state_dict(head)
     adapters = {k: v for k, v in ckpt["model"].items() if ".lora_" in k}
     clf = restore_lora(clf, ckpt.get("lora"), adapters, merge_lora, path, head="head")
     return clf if merge_lora else head_trains_unless_adapted(clf, ckpt.get("lora"))
@@ -236,6 +242,8 @@ def read_messages(text):
     """The messages to classify: text itself, or with FILE:path, each non-empty line of that file."""
     if not text.startswith("FILE:"):
         return [text]
+    if text == "FILE:":
+        fail("--text=FILE: names no file: give its path after FILE:")
     path = Path(text.removeprefix("FILE:"))
     if not path.is_file():
         fail(f"text file {path} does not exist")
@@ -243,7 +251,10 @@ def read_messages(text):
         lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): an SMS may hold \x0c or \u2028
     except UnicodeDecodeError as e:
         fail(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8")
-    return [line.removesuffix("\r") for line in lines if line.strip()]
+    messages = [line.removesuffix("\r") for line in lines if line.strip()]
+    if not messages:
+        fail(f"text file {path} has no non-empty line: one message a line")
+    return messages
 
 
 def predict(c):
@@ -314,12 +325,14 @@ def build_model(c, run, labels, lora, ckpt, path):
 
 def main(config):
     c = checked(config, check_settings(config))
-    if c.text:
+    if c.text.strip():
         return predict(c)
     if "text" in given_keys():  # --text="" (an unset shell variable?) must not start training instead
         fail("--text is empty: give a message, or FILE:path for one message a line; leave --text out to train")
-    out = Path(c.out_dir or Path("out") / dataset_folder(c.dataset))
+    out = Path(c.out_dir or Path("out") / dataset_folder(c.dataset)).expanduser()
     ckpt = None
+    if int(os.environ.get("RANK", 0)) == 0:  # an earlier run's results: refused before any work
+        check_out_dir(out, c.resume, c.overwrite)
     if c.resume:  # the run's own settings, but for those given that may change
         ckpt = read_resume_checkpoint(out, {"kind": str, "labels": list, "pooling": str, "epoch_stats": torch.Tensor})
         if ckpt["kind"] != "classifier":
@@ -338,12 +351,12 @@ def main(config):
     train, val, test = (LabelledSplit(folder, s) for s in ("train", "val", "test"))
     if c.train_subset:
         train.lengths = train.lengths[:c.train_subset]  # len(train) follows lengths
-    if run.master:
-        claim_out_dir(out, c.resume, c.overwrite)
 
     # model
     lora = lora_settings(config)
     clf = build_model(c, run, labels, lora, ckpt, out / "ckpt.pt")
+    if run.master:  # the model is loaded: only now may an earlier run's results be replaced
+        claim_out_dir(out, c.resume, c.overwrite)
     max_len = clf.gpt.config.block_size
     optimizer = make_optimizer(clf, c.lr, c.weight_decay, (c.beta1, c.beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.amp_dtype == torch.float16)
@@ -434,4 +447,7 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    try:
+        main(configure(globals()))
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's own handling (loading, preparing data), or a second one
+        fail("interrupted: the checkpoints written so far, if any, are as they were", 130)

@@ -18,6 +18,7 @@ and given without it on the command line (--compile=True).
 import ast
 import difflib
 import io
+import math
 import sys
 import tokenize
 from pathlib import Path
@@ -67,6 +68,8 @@ def convert(key, value, default):
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan or inf: no setting means that, and nan slips past every < check
+                raise ValueError(f"--{key}={value!r} is not a finite number; {key} takes one (default: {default!r})")
             return float(value)
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -94,7 +97,7 @@ def read_config_file(path):
         exec(compile(Path(path).read_text(), str(path), "exec"), namespace)
     except SyntaxError as e:
         fail(f"config file '{path}' is not valid Python: {e.msg} at line {e.lineno}; it holds lines like lr = 3e-5")
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a config file that raises, or calls exit(): it sets no settings
         fail(f"config file '{path}' failed to run ({e.__class__.__name__}: {e}); it holds lines like lr = 3e-5")
     return config_keys(namespace)
 

@@ -113,7 +113,7 @@ def record_texts(path, skips, lines=None):
             raise ValueError(f"{path} is over {MAX_FILE_BYTES:,} bytes: write it as .jsonl, one record a line")
         try:
             records = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise ValueError(f"{path} is not valid JSON ({e.__class__.__name__})") from None
         if not isinstance(records, list):
             raise ValueError(f"{path} holds a JSON {type(records).__name__}, not a list of {{\"text\": ...}} records")
@@ -135,7 +135,7 @@ def open_lines(path):
 def json_or_none(line):
     try:
         return json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return None
 
 

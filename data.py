@@ -8,6 +8,7 @@ What training and generation read: GPT-2's tokenizer, the prompt template, and t
 
 import json
 import os
+import string
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
@@ -39,8 +40,12 @@ def check_template(template):
     """template, if it is a prompt template format_prompt can fill (both texts, with their fields); else a
     ValueError saying what is wrong."""
     try:
-        if format_prompt("\0", "", template).count("\0") != 1 or "\1" not in format_prompt("\0", "\1", template):
-            raise ValueError("a text lacks its field")
+        for key, fields in (("prompt", {"instruction"}), ("prompt_input", {"instruction", "input"})):
+            used = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template[key])
+                    if name is not None]
+            if {name for name, _, _ in used} != fields or any(spec or conversion for _, spec, conversion in used):
+                raise ValueError(f"'{key}' must have the fields {{{'}, {'.join(sorted(fields))}}} and no others, "
+                                 f"as they are (no format specs)")
     except (TypeError, KeyError, IndexError, ValueError, AttributeError) as e:
         raise ValueError(f"its prompt template is not usable ({e.__class__.__name__}: {e}): it needs 'prompt' and "
                          f"'prompt_input' texts with an {{instruction}} field (and {{input}} in the second)") from None

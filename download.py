@@ -35,11 +35,23 @@ class _Retryable(Exception):  # a 5xx answer or a stall: worth another attempt
 
 
 def deadline():
-    return float(os.environ.get("NANOFT_DOWNLOAD_DEADLINE", 6 * 3600))
+    return setting_from_env("NANOFT_DOWNLOAD_DEADLINE", 6 * 3600, "seconds")
 
 
 def min_rate():
-    return float(os.environ.get("NANOFT_DOWNLOAD_MIN_RATE", 1000))
+    return setting_from_env("NANOFT_DOWNLOAD_MIN_RATE", 1000, "bytes per second")
+
+
+def setting_from_env(name, default, unit):
+    """A number from the environment variable name, or a DownloadError naming it."""
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text.strip() else float(default)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise DownloadError(f"{name}={text!r} must be a number of {unit}, 0 or more (unset it for {default})")
+    return value
 
 
 def download(url, dest, sha256=None, desc=None, check=None, max_bytes=None):
@@ -59,6 +71,9 @@ def download(url, dest, sha256=None, desc=None, check=None, max_bytes=None):
     desc, until = desc or dest.name, time.time() + deadline()
     try:
         for attempt in range(RETRIES):
+            if time.time() > until:
+                raise DownloadError(f"{desc}: the download ran past its deadline of {deadline():.0f} s "
+                                    f"(NANOFT_DOWNLOAD_DEADLINE) while retrying; run again to go on")
             try:
                 expected_sha, expected_size = _fetch(url, part, desc, sha256, until, max_bytes)
                 break
@@ -87,7 +102,8 @@ def _fetch(url, part, desc, sha256, until, max_bytes):
     headers = {"Accept-Encoding": "identity"}  # the bytes as stored: sizes, ranges and sha256 refer to them
     if have:
         headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+    timeout = min(TIMEOUT, max(1.0, until - time.time()))  # no wait for a byte outlasts the deadline
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
         if r.status_code in (401, 403, 404):
             raise DownloadError(f"{url} answered {r.status_code} ({r.reason}): check the name and the address; "
                                 f"a gated or private file needs access rights")
@@ -103,34 +119,54 @@ def _fetch(url, part, desc, sha256, until, max_bytes):
             raise DownloadError(f"{url} answered {r.status_code} ({r.reason}); expected the file")
         if r.status_code == 200:
             have = 0  # the server ignored our Range: start over
+        elif not (sha256 or _announced_sha256(r)):  # nothing could tell whether the bytes kept are this file's
+            part.unlink()
+            raise _Retryable("no sha256 to check a partial file against: starting over")
+        if r.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+            raise DownloadError(f"{url} was sent compressed (Content-Encoding: {r.headers['Content-Encoding']}) "
+                                f"although asked not to be; nothing was kept")
         size = _total_size(r, have)
         if max_bytes and size and size > max_bytes:
             raise DownloadError(f"{url} is {size:,} bytes, more than the {max_bytes:,} this file can be")
-        with open(part, "ab" if r.status_code == 206 else "wb") as f:
-            _stream(r, f, desc, have, size, until, max_bytes)
-        print(file=sys.stderr)
+        try:
+            with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                _stream(r, f, desc, have, size, until, max_bytes)
+        except _TooLarge:
+            part.unlink()
+            raise DownloadError(f"{url}: more than {max_bytes:,} bytes arrived, more than this file can be; "
+                                f"nothing was kept") from None
         return sha256 or _announced_sha256(r), size
 
 
+class _TooLarge(Exception):
+    pass
+
+
 def _stream(r, f, desc, have, size, until, max_bytes):
-    """Copy the body into f as it arrives, showing progress; give up past the deadline, or when fewer than
-    min_rate() bytes/s arrived over the last STALL_WINDOW seconds (a trickle must not hold a run for hours)."""
-    done, start, shown, window = have, time.time(), 0.0, [(time.time(), have)]
-    while chunk := r.raw.read1(1 << 16):  # whatever has arrived, up to 64 KB: a trickle is seen as one
-        f.write(chunk)
-        done += len(chunk)
-        now = time.time()
-        if max_bytes and done > max_bytes:
-            raise DownloadError(f"{desc}: more than {max_bytes:,} bytes arrived, more than this file can be")
-        if now > until:
-            raise DownloadError(f"{desc}: the download ran past its deadline of {deadline():.0f} s "
-                                f"(NANOFT_DOWNLOAD_DEADLINE); {done:,} bytes are kept in {f.name}")
-        window = [(t, n) for t, n in window if t > now - STALL_WINDOW] + [(now, done)]
-        if now - start > STALL_WINDOW and (done - window[0][1]) / (now - window[0][0] or 1) < min_rate():
-            raise _Retryable(f"fewer than {min_rate():.0f} bytes/s for {STALL_WINDOW} s "
-                             f"(NANOFT_DOWNLOAD_MIN_RATE)")
-        if now - shown > 0.5 or done == size:
-            shown = _progress(desc, done, size, have, start)
+    """Copy the body into f as it arrives, with a progress line from its second second on; give up past
+    max_bytes, past the deadline, or when fewer than min_rate() bytes/s arrived over the last STALL_WINDOW seconds
+    (a trickle must not hold a run for hours)."""
+    start = time.time()
+    done, shown, printed, window = have, start + 0.5, False, [(start, have)]
+    try:
+        while chunk := r.raw.read1(1 << 16):  # whatever has arrived, up to 64 KB: a trickle is seen as one
+            f.write(chunk)
+            done, now = done + len(chunk), time.time()
+            if max_bytes and done > max_bytes:
+                raise _TooLarge
+            if now > until:
+                raise DownloadError(f"{desc}: the download ran past its deadline of {deadline():.0f} s "
+                                    f"(NANOFT_DOWNLOAD_DEADLINE); {done:,} bytes are kept in {f.name}")
+            window = [(t, n) for t, n in window if t > now - STALL_WINDOW] + [(now, done)]
+            if now - start > STALL_WINDOW and (done - window[0][1]) / (now - window[0][0] or 1) < min_rate():
+                raise _Retryable(f"fewer than {min_rate():.0f} bytes/s for {STALL_WINDOW} s "
+                                 f"(NANOFT_DOWNLOAD_MIN_RATE)")
+            if now - shown > 0.5:
+                shown, printed = _progress(desc, done, size, have, start), True
+    finally:
+        if printed:  # the line ends before anything else is printed
+            _progress(desc, done, size, have, start)
+            print(file=sys.stderr)
 
 
 def _announced_sha256(r):
@@ -180,7 +216,7 @@ def _verify(part, url, size, sha256, check):
             raise ValueError("it is an HTML page (an error or login page?), not the file")
         if check:
             check(part)
-    except ValueError as e:
+    except Exception as e:  # whatever reading it raised: a hostile file has many ways to break a reader
         part.unlink()
         raise DownloadError(f"download of {url} is not what was asked for: {e}; nothing was kept") from None
 

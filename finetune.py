@@ -12,6 +12,7 @@ loss, perplexity, sample answers or continuations), and leaves a checkpoint that
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import (RunLog, SaveError, claim_out_dir, read_resume_checkpoint, restore_training_state,
-                         resumed_config, save_atomic, training_state)
+from checkpoints import (RunLog, SaveError, check_out_dir, claim_out_dir, read_resume_checkpoint,
+                         restore_training_state, resumed_config, save_atomic, training_state)
 from configurator import checked, configure, fail, given_keys
 from data import Split, TextSplit, length_grouped_batches, load_records, padding_fraction, tokenizer
 from download import sha256_of
@@ -86,10 +87,10 @@ def check_settings(config):
     """Catch impossible values before anything is loaded; returns the list of problems."""
     c = config
     problems = [f"{k}={c[k]} must be at least 1" for k in ("batch_size", "grad_accum", "log_interval",
-                                                          "eval_interval") if c[k] < 1]
+                                                          "eval_interval", "max_new_tokens") if c[k] < 1]
     problems += [f"{k}={c[k]} must not be negative" for k in ("lr", "min_lr", "weight_decay", "grad_clip",
                                                              "warmup_iters", "max_iters", "eval_iters",
-                                                             "global_batch_size") if c[k] < 0]
+                                                             "global_batch_size", "eval_prompts") if c[k] < 0]
     if c["max_iters"] == 0 and c["epochs"] < 1:
         problems.append(f"epochs={c['epochs']} must be at least 1 (or set max_iters)")
     if c["block_size"] < 0:
@@ -294,8 +295,10 @@ def evaluate_only(data, gpt, c, run):
 
 def main(config):
     c = checked(config, check_settings(config))
-    out = Path(c.out_dir or Path("out") / dataset_folder(c.dataset))
+    out = Path(c.out_dir or Path("out") / dataset_folder(c.dataset)).expanduser()
     ckpt_path, ckpt = out / "ckpt.pt", None
+    if not c.eval_only and int(os.environ.get("RANK", 0)) == 0:  # an earlier run's results: refused before any work
+        check_out_dir(out, c.resume, c.overwrite)
     if c.resume:  # the run's own settings, but for those given that may change
         ckpt = read_resume_checkpoint(out, {"best_val_loss": float})
         config = resumed_config(config, ckpt, given_keys(), MAY_CHANGE, ckpt_path)
@@ -322,7 +325,7 @@ def main(config):
     data.check_fits(gpt)
     if c.eval_only:
         return evaluate_only(data, gpt, c, run)
-    if run.master:
+    if run.master:  # the model is loaded: only now may an earlier run's results be replaced
         claim_out_dir(out, c.resume, c.overwrite)
     optimizer = make_optimizer(gpt, c.lr, c.weight_decay, (c.beta1, c.beta2), run.device_type)
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.amp_dtype == torch.float16)
@@ -336,6 +339,9 @@ def main(config):
         fail(f"the train split of '{c.dataset}' is too small for one step of batch_size={c.batch_size} x grad_accum="
              f"{accum} x {run.world} processes")
     total_iters = c.max_iters or c.epochs * steps_per_epoch
+    if ckpt and total_iters <= start_iter:
+        fail(f"{ckpt_path} is already at iteration {start_iter} of the {total_iters} asked for: give more "
+             f"--max_iters (or --epochs) to train longer")
     log = None
     if run.master:
         wandb = None
@@ -411,4 +417,7 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(configure(globals()))
+    try:
+        main(configure(globals()))
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's own handling (loading, preparing data), or a second one
+        fail("interrupted: the checkpoints written so far, if any, are as they were", 130)

@@ -13,6 +13,7 @@ Needs nothing but torch, numpy and requests: safetensors files are read and writ
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from model import GPT, PRESETS, GPTConfig
 
 HF_REPO = "openai-community/{name}"  # the hub's home of OpenAI's GPT-2 checkpoints
 HF_FILES = ("config.json", "model.safetensors")
+MAX_WEIGHTS = {"gpt2": 1 << 30, "gpt2-medium": 2 << 30, "gpt2-large": 4 << 30, "gpt2-xl": 8 << 30}  # bytes; 548 MB ... 6.4 GB
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -36,7 +38,11 @@ def hf_endpoint():
 
 
 def cache_dir():
-    return Path(os.environ.get("NANOFT_CACHE", Path.home() / ".cache" / "nanoft"))
+    folder = Path(os.environ.get("NANOFT_CACHE", Path.home() / ".cache" / "nanoft")).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DownloadError(f"the download cache {folder} (NANOFT_CACHE) is a file, not a folder: point NANOFT_CACHE "
+                            f"at a folder")
+    return folder
 
 
 def offline():
@@ -57,7 +63,7 @@ def download_gpt2(name):
                                 f"HF_HUB_OFFLINE to download it from {base}/{file}, or {ways}")
         try:
             download(f"{base}/{file}", folder / file, desc=f"{name}/{file}", check=checks[file],
-                     max_bytes=1 << 20 if file == "config.json" else None)
+                     max_bytes=1 << 20 if file == "config.json" else MAX_WEIGHTS[name])
         except requests.RequestException as e:
             raise DownloadError(f"could not download {name} from {base}/{file} ({e.__class__.__name__}): "
                                 f"check your network, or {ways}") from None
@@ -98,10 +104,11 @@ def config_from_dict(values):
 
 def check_config(config):
     """config, or a ValueError naming the setting that no GPT-2 can have."""
-    for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+    for key, most in (("block_size", 1 << 20), ("vocab_size", 1 << 20), ("n_layer", 1024), ("n_head", 1024),
+                      ("n_embd", 1 << 16)):
         value = getattr(config, key)
-        if type(value) is not int or not 1 <= value <= 1_000_000:
-            raise ValueError(f"{key}={value!r} is not a size a GPT-2 can have (a whole number, 1 or more)")
+        if type(value) is not int or not 1 <= value <= most:
+            raise ValueError(f"{key}={value!r} is not a size a GPT-2 can have (a whole number from 1 to {most:,})")
     if config.n_embd % config.n_head:
         raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
     if config.vocab_size < 50257:
@@ -128,13 +135,20 @@ def drop_tied_head(state):
     """Leave out lm_head.weight where it is the token embedding, as GPT-2 ties them (OpenAI's files do not even
     hold it); keep it where it differs (a head fine-tuned with LoRA, merged): such a model gets its own head."""
     head, wte = state.get("lm_head.weight"), state.get("wte.weight")
-    if head is not None and wte is not None and head.shape == wte.shape and torch.equal(head, wte):
+    if isinstance(head, torch.Tensor) and isinstance(wte, torch.Tensor) and head.shape == wte.shape and \
+            torch.equal(head, wte):
         del state["lm_head.weight"]
     return state
 
 
 def check_state(state, config):
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor; else return state."""
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"its weights are not all tensors: {', '.join(map(str, not_tensors[:3]))} ...")
+    blocks = {k.split(".")[1] for k in state if k.startswith("h.")}
+    if len(blocks) != config.n_layer:  # before a model of n_layer blocks is built to compare shapes with
+        raise ValueError(f"it says n_layer={config.n_layer} but holds {len(blocks)} blocks of weights")
     with torch.device("meta"):  # shapes only, nothing allocated
         expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
     missing = sorted(set(expected) - set(state) - {"lm_head.weight"})  # no head: tied to wte
@@ -239,10 +253,10 @@ def read_checkpoint(path):
     check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        code = [s.strip() for s in str(e).split(".") if "arbitrary code" in s]  # torch's own warning, kept
+    except Exception as e:  # torch's own words on a pickle it refused: what it blocked, and the risk of loading it
+        said = [s.strip() for s in re.split(r"(?<=\.)\s+", str(e)) if "arbitrary code" in s or "GLOBAL" in s]
         raise ValueError(f"{path} is not a checkpoint this project can read ({e.__class__.__name__}: "
-                         f"{first_line(e)[:200]}){'; torch says: ' + code[0] if code else ''}") from None
+                         f"{first_line(e)[:200]}){'; torch says: ' + ' '.join(said) if said else ''}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not ckpt.keys() & {"model_config",
                                                                                                    "model_args"}:
         raise ValueError(f"{path} is not a nanoFT (or nanoGPT) checkpoint (expected the keys 'model' and "
@@ -361,17 +375,26 @@ export_dtype = "f16"  # the GGUF's weights: f32, f16 or q8_0 (8 bits, llama.cpp'
 overwrite = False  # replace an existing export
 
 if __name__ == "__main__":
-    import tiktoken
     from configurator import configure, fail
+    from data import tokenizer
+    from generation import device_problem
     from gguf_export import check_export, export_gguf
     configure(globals())
+    problems = [p for p in [device_problem(device)] if p]
+    problems += [] if max_new_tokens >= 1 else [f"max_new_tokens={max_new_tokens} must be at least 1"]
+    problems += [] if prompt or export else ["prompt is empty: give the text the model should continue"]
+    if problems:
+        fail("; ".join(problems))
     try:
         if export:
             check_export(export, export_dtype, overwrite)  # before a long load
         gpt, info = load_model(model, device=device)
         written = export_gguf(gpt, export, export_dtype, info["template"], overwrite) if export else ()
-    except (DownloadError, ValueError, FileNotFoundError) as e:
+        enc = tokenizer()
+    except (DownloadError, ValueError, OSError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
     print(f"{model}: {gpt.config}")
     print(f"parameters: {gpt.num_params() / 1e6:.1f}M")
     if written:
@@ -379,7 +402,6 @@ if __name__ == "__main__":
         print(f"run it: llama-cli -m {written[0]} -c {gpt.config.block_size}   or   "
               f"ollama create mymodel -f {written[1]} && ollama run mymodel")
     else:
-        enc = tiktoken.get_encoding("gpt2")
-        ids = torch.tensor([enc.encode(prompt)], device=device)
+        ids = torch.tensor([enc.encode_ordinary(prompt)], device=device)
         out = gpt.generate(ids, max_new_tokens, temperature=0)
         print(enc.decode(out[0].tolist()))

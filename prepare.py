@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -58,13 +59,20 @@ SPLITS = {  # two splits of int(fraction * n) examples each, then the one that g
     "instruction": (("train", 0.85), ("test", 0.10), "val"),  # ch07: 935/110/55 of 1,100
     "classification": (("train", 0.70), ("val", 0.10), "test"),  # ch06: 1,045/149/300 of 1,494
 }
+MAX_DOWNLOAD = 1 << 30  # a dataset file read whole (JSON, CSV, zip) must be under 1 GB, so may its download
+MAX_TEXT_DOWNLOAD = 1 << 36  # a text corpus (.txt, .jsonl) is streamed; its download may be up to 64 GB
 KNOWN_SHA256 = {  # only files that never change upstream (a GitHub branch's files and archives may)
     spam_url: "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3",
 }
 # ----------------------------------------------------------------------------- where the data comes from
 
 def is_url(source):
-    return str(source).startswith(("http://", "https://"))
+    """Whether a dataset names a URL; a scheme other than http(s) is refused (a path has none)."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(source))
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        raise ValueError(f"{source}: only http:// and https:// URLs can be downloaded; for anything else, fetch the "
+                         f"file yourself and give its path")
+    return bool(scheme)
 
 
 def safe_name(text, fallback="dataset"):
@@ -116,13 +124,21 @@ def fetch(source, folder, name):
         if not Path(source).exists():
             raise FileNotFoundError(f"dataset file {source} does not exist")
         return Path(source)
-    filename = PurePosixPath(urlparse(source).path).name
-    if not filename:
+    file = PurePosixPath(urlparse(source).path)
+    if not file.name:
         raise ValueError(f"{source} does not name a file: give the URL of the dataset file itself")
-    dest = folder / "download" / safe_name(filename, "file")
+    dest = folder / "download" / (safe_name(file.stem, "file") + file.suffix.lower())
+    came_from = dest.with_name(dest.name + ".url")  # the URL the file (or its .part) came from
+    if came_from.exists() and came_from.read_text() != source:  # another URL's file of the same name: not this one
+        for old in (dest, dest.with_name(dest.name + ".part"), came_from):
+            old.unlink(missing_ok=True)
+    text = SUFFIX_KIND.get(file.suffix.lower()) == "text" or file.suffix.lower() == ".jsonl"
     try:
-        return download(source, dest, sha256=KNOWN_SHA256.get(source), desc=filename,
-                        check=lambda part: check_parses(name, part.with_name(dest.name), part))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        came_from.write_text(source)
+        return download(source, dest, sha256=KNOWN_SHA256.get(source), desc=file.name,
+                        check=lambda part: check_parses(name, dest, part),
+                        max_bytes=MAX_TEXT_DOWNLOAD if text else MAX_DOWNLOAD)
     except requests.RequestException as e:
         raise DownloadError(f"could not download {source} ({e.__class__.__name__}: {e})") from None
 
@@ -227,6 +243,10 @@ def write_dataset(folder, splits, kind, meta):
         for file in tmp.iterdir():
             os.replace(file, folder / file.name)
         atomic_json(folder / "meta.json", meta)
+    except OSError as e:
+        raise OSError(f"could not write the prepared dataset into {folder} ({e.strerror or e}): it needs about "
+                      f"{sum(f.stat().st_size for f in tmp.iterdir()) / 1e6:,.0f} MB and more; free some disk space "
+                      f"or give another --data_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -238,13 +258,13 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
     """data_dir/NAME, holding dataset's tokenized splits: prepared now unless its meta.json is already there
     (then nothing is read or downloaded). urls overrides built-in datasets' sources: {"spam": url_or_path}."""
     name, kind, source = resolve(dataset, urls)
-    folder = Path(data_dir) / name
+    folder = Path(data_dir).expanduser() / name
     asked = {"source": source, "seed": seed, "max_length": max_length, "truncate": truncate}
     if (folder / "meta.json").exists():
         changed = what_changed(read_meta(folder), asked)
         if not changed:
             return folder
-        print(f"note: {folder} was prepared with {changed}: preparing it again")
+        print(f"note: {folder} was prepared with {changed}: preparing it again", file=sys.stderr)
         (folder / "meta.json").unlink()  # no longer a dataset until the new one is whole
     raw = fetch(source, folder, name)
     kind = kind_of(kind, raw)
@@ -266,8 +286,9 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
         examples = encode_labelled(records, extra["labels"])
     examples = fit(examples, max_length, truncate, skips, counts)
     if not examples:
-        raise ValueError(f"every record of {source} is longer than max_length={max_length} tokens: raise "
-                         f"max_length, or set truncate=True")
+        raise ValueError(f"every record of {source} is longer than max_length={max_length} tokens"
+                         + (" even in its prompt alone" if truncate else "") + ": raise max_length"
+                         + ("" if truncate else ", or set truncate=True"))
     counts["examples"] = len(examples)
     splits = make_splits(examples, kind, rng)
     meta = {"name": name, "kind": kind, **asked, "raw": raw.name, "sha256": fingerprint(raw), **stamp(raw),
@@ -355,10 +376,23 @@ def summarize(meta, seconds, folder):
     print(f"  prepared {n:,} {unit}s in {seconds:.2f}s ({n / max(seconds, 1e-9):,.0f} {unit}s/s)")
 
 
+def check_settings(c):
+    """Impossible values, found before anything is read or downloaded."""
+    problems = [] if 0 <= c["seed"] < 2 ** 63 else [f"seed={c['seed']} must be a whole number from 0 to 2**63 - 1"]
+    problems += [f"{k}={c[k]} must be at least 1" for k in ("max_length", "shard_tokens") if c[k] < 1]
+    if not 0 < c["val_fraction"] < 1:
+        problems.append(f"val_fraction={c['val_fraction']} must be between 0 and 1")
+    return problems
+
+
 if __name__ == "__main__":
-    from configurator import configure, fail
-    configure(globals())
+    from configurator import checked, configure, fail
+    config = configure(globals())
+    c = checked(config, check_settings(config))
     try:
-        print(f"ready: {prepare(dataset, data_dir, seed, max_length, truncate, None, shard_tokens, val_fraction)}")
+        folder = prepare(c.dataset, c.data_dir, c.seed, c.max_length, c.truncate, None, c.shard_tokens, c.val_fraction)
+        print(f"ready: {folder}")
     except (ValueError, OSError, DownloadError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted: nothing half-prepared was kept (a text corpus keeps its finished shards for next time)", 130)

@@ -10,6 +10,7 @@ and counted (Skips), zip members are read without extraction, and XML may declar
 import csv
 import io
 import json
+import sys
 import zipfile
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -51,15 +52,26 @@ def read_text(path):
     return decode(Path(path).read_bytes(), path)
 
 
+MAX_LINE = 1 << 26  # a line longer than 64 M characters is no record: it is skipped, never held whole
+
+
 def lines_of(stream, where):
     """The lines of a binary stream, decoded as UTF-8, split at '\n' only (not splitlines(): an SMS may hold
-    \x0c or \u2028), without their line ends; read a piece at a time."""
+    \x0c or \u2028), without their line ends; read a piece at a time. A line over MAX_LINE is skipped (with a
+    note) as it is read, so memory stays bounded."""
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="\n")
     try:
-        for line in text:
+        while line := text.readline(MAX_LINE):
+            if len(line) == MAX_LINE and not line.endswith("\n"):
+                while (rest := text.readline(MAX_LINE)) and not rest.endswith("\n"):
+                    pass  # the rest of the line, a piece at a time
+                print(f"  skipped a line of {where} longer than {MAX_LINE:,} characters", file=sys.stderr)
+                continue
             yield line.removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError as e:
         raise ValueError(f"{where} is not UTF-8 text ({e}): convert it to UTF-8 and try again") from None
+    except zipfile.BadZipFile as e:  # a zip member that fails its CRC as it is read
+        raise ValueError(f"{where} is damaged ({e}): if it was downloaded, delete it and run again") from None
 
 
 def file_lines(path):
@@ -82,7 +94,12 @@ def zip_members(path, skips, keep):
                 elif info.file_size > MAX_RATIO * max(info.compress_size, 1):
                     skips.add(f"member compressed more than {MAX_RATIO}:1 (a zip bomb?)", info.filename)
                 else:
-                    with z.open(info) as member:
+                    try:
+                        member = z.open(info)
+                    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as e:  # encrypted...
+                        skips.add(f"unreadable member ({e.__class__.__name__})", f"{info.filename}: {e}")
+                        continue
+                    with member:
                         yield info.filename, member
     except (zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"{path} is not a readable zip file ({e}): if it was downloaded, delete it and "
@@ -139,7 +156,7 @@ def read_instructions(path, skips, counts, lines=False):
 def json_items(text, path):
     try:
         items = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, and numbers of over 4,300 digits
         raise ValueError(f"{path} is not valid JSON ({e.__class__.__name__}: {str(e)[:100]}): an instruction "
                          f"dataset is a JSON list of {{instruction, input, output}} records, or a .jsonl file of "
                          f"one a line") from None
@@ -154,7 +171,7 @@ def jsonl_items(lines, skips):
         if line.strip():
             try:
                 yield json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:
                 skips.add("not JSON", f"line {n}: {e.__class__.__name__}: {line}")
 
 
@@ -237,7 +254,12 @@ def medquad_zip_pairs(path, skips, counts):
     """(question, answer) of every <QAPair> in the XML files of MedQuAD's GitHub archive."""
     pairs, files = [], 0
     for name, member in zip_members(path, skips, lambda n: n.endswith(".xml")):
-        root = parse_xml(member.read(), name, skips)
+        try:
+            data = member.read()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:  # its CRC, or a broken stream
+            skips.add(f"unreadable member ({e.__class__.__name__})", f"{name}: {e}")
+            continue
+        root = parse_xml(data, name, skips)
         if root is not None:
             files += 1
             pairs += [(qa.findtext("Question") or "", qa.findtext("Answer") or "") for qa in root.iter("QAPair")]

@@ -69,15 +69,24 @@ def check_settings(c):
         problems.append("chat=True and batch=True do not go together")
     if c["prompt"].startswith("FILE:") and not Path(c["prompt"][5:]).is_file():
         problems.append(f"prompt file '{c['prompt'][5:]}' does not exist (or is not a file)")
+    if not 0 <= c["seed"] < 2 ** 63:
+        problems.append(f"seed={c['seed']} must be a whole number from 0 to 2**63 - 1")
     return problems + [p for p in [device_problem(c["device"])] if p]
+
+
+MAX_PROMPT_FILE = 1 << 24  # 16 MB: more than a batch of prompts needs; a larger file is refused, not tokenized
 
 
 def read_prompt(prompt):
     """The prompt text: the setting itself, or with FILE:path, that file (UTF-8)."""
     if not prompt.startswith("FILE:"):
         return prompt
+    path = Path(prompt[5:])
+    if path.stat().st_size > MAX_PROMPT_FILE:
+        fail(f"prompt file '{path}' is {path.stat().st_size:,} bytes, more than the {MAX_PROMPT_FILE:,} a prompt (or "
+             f"a batch of them) may be: only the last tokens of a long prompt fit the context anyway")
     try:
-        return Path(prompt[5:]).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         fail(f"prompt file '{prompt[5:]}' is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8")
 
@@ -180,6 +189,10 @@ def main(config):
     lines = ([line for line in text.splitlines() if line.strip()] or [""]) if c.batch else [text]
     prompts = [apply_template(line, template, c.input) for line in lines]
     ids = [fit_context(enc.encode_ordinary(p) or [EOT], gpt.config.block_size, c.max_new_tokens) for p in prompts]
+    room = gpt.config.block_size - max(map(len, ids))
+    if c.max_new_tokens > room:
+        warn(f"max_new_tokens={c.max_new_tokens}, but only {room} more tokens fit in the {gpt.config.block_size}-token "
+             f"context after the prompt: the text ends there")
     if c.compile:
         warm_up(gpt, len(ids), c.batch)
     for k in range(c.num_samples):

@@ -39,7 +39,7 @@ from batching import Closed, Engine, Job, QueueFull, Row
 from configurator import checked, configure, fail
 from data import EOT, tokenizer
 from download import DownloadError
-from generation import chat_ids, fit_context, pick_device, template_of, weights_dtype
+from generation import chat_ids, device_problem, fit_context, pick_device, template_of, weights_dtype
 from load_gpt2 import load_model
 from quantize import ready_for_generation
 
@@ -82,7 +82,7 @@ def check_settings(c):
                          ("dtype", ("auto", "float32", "bfloat16", "float16"))):
         if c[key] not in allowed:
             problems.append(f"{key}='{c[key]}' must be one of {', '.join(allowed)}")
-    return problems
+    return problems + [p for p in [device_problem(c["device"])] if p]
 
 
 class ApiError(Exception):

@@ -269,7 +269,7 @@ def test_mismatched_weights_are_named(tiny, tmp_path):
     config["n_layer"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match=r"missing: h\.2\.attn\.c_attn\.bias"):
+    with pytest.raises(ValueError, match=r"says n_layer=3 but holds 2 blocks"):
         load(tmp_path)
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"not a nanoFT \(or nanoGPT\) checkpoint"):
@@ -1255,10 +1255,10 @@ def test_a_dataset_file_that_changed_is_prepared_again(tmp_path, capsys):
     assert meta_of(prepare(str(path), tmp_path / "data"))["counts"]["examples"] == 30
     write_instructions(path, n=60, seed=1)
     assert meta_of(prepare(str(path), tmp_path / "data"))["counts"]["examples"] == 60
-    assert "an earlier version of mine.json (its contents changed since): preparing it again" in capsys.readouterr().out
+    assert "an earlier version of mine.json (its contents changed since): preparing it again" in capsys.readouterr().err
     os.utime(path, ns=(0, 0))  # touched, not changed: nothing to do
     prepare(str(path), tmp_path / "data")
-    assert "preparing it again" not in capsys.readouterr().out
+    assert "preparing it again" not in capsys.readouterr().err
     assert meta_of(prepare(str(path), tmp_path / "data", seed=7))["seed"] == 7  # other settings: prepared again
 
 
@@ -1309,7 +1309,8 @@ def test_interrupted_prepare_leaves_no_half_dataset(server, tmp_path, monkeypatc
         prepare("instruction-data", tmp_path, urls={"instruction-data": url})
     folder = tmp_path / "instruction-data"
     assert sorted(p.name for p in folder.iterdir()) == ["download"]  # the raw download only
-    assert sorted(p.name for p in (folder / "download").iterdir()) == ["instruction-data.json"]
+    assert sorted(p.name for p in (folder / "download").iterdir()) == ["instruction-data.json",
+                                                                       "instruction-data.json.url"]  # and its URL
     monkeypatch.setattr(pp, "write_split", write_split)
     prepare("instruction-data", tmp_path, urls={"instruction-data": url})
     assert meta_of(folder)["splits"] == {"train": 85, "val": 5, "test": 10}
@@ -1646,7 +1647,7 @@ def test_the_log_is_only_ever_appended_to_and_a_torn_line_is_skipped(tmp_path, c
         f.write('{"iter": 4, "lo')  # a crash mid-line
     written = (tmp_path / "log.jsonl").read_bytes()
     resumed = RunLog(tmp_path, start_iter=2, resumed=True)  # the checkpoint was at iteration 2
-    assert "line 4 of" in capsys.readouterr().out and [r["iter"] for r in resumed.records] == [1, 2]
+    assert "line 4 of" in capsys.readouterr().err and [r["iter"] for r in resumed.records] == [1, 2]
     resumed.write({"iter": 3, "loss": 6.5})
     assert (tmp_path / "log.jsonl").read_bytes().startswith(written)  # never rewritten
     assert [(r["iter"], r["loss"]) for r in read_log(tmp_path / "log.jsonl")] == [(1, 9.0), (2, 8.0), (3, 6.5)]
@@ -1723,6 +1724,106 @@ def test_examples_longer_than_the_models_context_are_refused_before_training(fin
 def test_world_size_without_torchrun_is_one_line(finetune_run):
     result = finetune_run("--out_dir=out/ws", check=False, env={**os.environ, "WORLD_SIZE": "2"})
     assert result.returncode == 2 and "WORLD_SIZE=2 is set but RANK" in result.stderr and "torchrun" in result.stderr
+
+
+# ----------------------------------------------------------------------------- what a hostile-input hunt found
+
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(finetune_run):
+    out = finetune_run.root / "out" / "keep2"
+    finetune_run("--max_iters=1", "--eval_interval=1", "--out_dir=out/keep2")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    typo = finetune_run("--model=/nonexistent/tiny", "--out_dir=out/keep2", "--overwrite=True", check=False)
+    assert typo.returncode == 2 and "could not load model" in typo.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_results_that_are_links_are_refused(finetune_run, tmp_path):
+    out = finetune_run.root / "out" / "linked"
+    finetune_run("--max_iters=1", "--eval_interval=1", "--out_dir=out/linked")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file\n")
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").symlink_to(victim)
+    result = finetune_run("--resume=True", "--out_dir=out/linked", "--max_iters=2", check=False)
+    assert result.returncode == 2 and "log.jsonl as a link or a folder" in result.stderr
+    assert victim.read_text() == "someone else's file\n"
+
+
+def test_a_new_url_whose_file_has_the_same_name_is_downloaded_anew(server, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = server(write_instructions(tmp_path / "a" / "x.json", n=20), name="a/x.json")
+    second = server(write_instructions(tmp_path / "b" / "x.json", n=40, seed=1), name="b/x.json")
+    assert meta_of(prepare(first, tmp_path / "data"))["counts"]["read"] == 20
+    meta = meta_of(prepare(second, tmp_path / "data"))
+    assert meta["counts"]["read"] == 40 and meta["source"] == second  # not the first URL's file
+
+
+def test_downloads_have_a_size_limit_and_an_unverifiable_part_is_not_resumed(hub, tiny, tmp_path):
+    with pytest.raises(DownloadError, match="more than the 100 this file can be|more than 100 bytes arrived"):
+        download.download(f"{hub.url}/openai-community/gpt2/resolve/main/config.json", tmp_path / "c.json",
+                          max_bytes=100)
+    assert not (tmp_path / "c.json.part").exists()
+    folder = load_gpt2.cache_dir() / "gpt2"  # config.json: no sha256 is announced for it, as on the hub
+    folder.mkdir(parents=True)
+    real = (tiny[1] / "config.json").read_bytes()
+    (folder / "config.json.part").write_bytes(b'{"n_layer": 99, "hostile": ' + b" " * (len(real) // 2))
+    load("gpt2")
+    assert (folder / "config.json").read_bytes() == real  # started over: nothing could check the bytes kept
+
+
+def test_hostile_sizes_and_templates_in_model_files_are_refused_at_once(tiny, tmp_path):
+    gpt = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    start = time.time()
+    torch.save({"model": gpt.state_dict(), "model_config": {**vars(gpt.config), "n_layer": 1000}}, tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="says n_layer=1000 but holds 1 blocks"):
+        load(tmp_path / "big.pt")
+    torch.save({"model": {**gpt.state_dict(), "wte.weight": "hello"}, "model_config": vars(gpt.config)},
+               tmp_path / "str.pt")
+    with pytest.raises(ValueError, match="weights are not all tensors: wte.weight"):
+        load(tmp_path / "str.pt")
+    ours = load(tiny[1])
+    torch.save({"model": ours.state_dict(), "model_config": vars(ours.config),
+                "template": {"prompt": "{instruction:>999999999}", "prompt_input": "{instruction}{input}"}},
+               tmp_path / "spec.pt")
+    with pytest.raises(ValueError, match="no format specs"):
+        load_gpt2.load_model(tmp_path / "spec.pt")
+    assert time.time() - start < 30
+
+
+def test_damaged_zip_members_and_overlong_lines_are_skipped(tmp_path, monkeypatch):
+    xml = qa_xml("What is it?", "A test.")
+    with zipfile.ZipFile(tmp_path / "medquad.zip", "w", zipfile.ZIP_STORED) as z:
+        z.writestr("m/1.xml", xml)
+        z.writestr("m/2.xml", xml.replace("A test.", "A second test."))
+    data = bytearray((tmp_path / "medquad.zip").read_bytes())
+    data[data.index(b"A second test.")] ^= 1  # the second member fails its CRC as it is read
+    (tmp_path / "medquad.zip").write_bytes(data)
+    meta = meta_of(prepare("medquad", tmp_path / "data", urls={"medquad": str(tmp_path / "medquad.zip")}))
+    assert meta["counts"]["examples"] == 1 and meta["skipped"] == {"unreadable member (BadZipFile)": 1}
+    monkeypatch.setattr(readers, "MAX_LINE", 1000)
+    (tmp_path / "long.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "output": "x" * 5000}) + "\n")
+    assert meta_of(prepare(str(tmp_path / "long.jsonl"), tmp_path / "data"))["counts"]["examples"] == 1
+
+
+def test_a_ddp_process_group_that_never_fills_stops_with_a_line(finetune_run):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "NANOFT_DDP_TIMEOUT": "3"}  # the second process never starts
+    result = finetune_run("--out_dir=out/alone", check=False, env=env)
+    assert result.returncode == 2 and "did not come together" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_settings_that_are_nan_in_a_config_file_are_one_line(finetune_run):
+    (finetune_run.root / "nan.py").write_text("lr = float('nan')\n")
+    result = finetune_run(str(finetune_run.root / "nan.py"), check=False)
+    assert result.returncode == 2 and "is not a finite number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_classifier_whose_head_does_not_fit_its_labels_is_one_line(fitted, classify_run):
+    ckpt = torch.load(fitted[0] / "ckpt.pt", weights_only=True)
+    ckpt["model"]["head.weight"] = torch.zeros(5, 64)
+    torch.save(ckpt, classify_run.root / "head.pt")
+    result = classify_run(f"--model={classify_run.root / 'head.pt'}", "--text=hi", check=False)
+    assert result.returncode == 2 and "its head" in result.stderr and result.stderr.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- the GPU paths (run where CUDA is)

@@ -8,6 +8,7 @@ optimizer and its schedule, compile and DDP wrapping, checkpoints with RNG state
 """
 
 import ctypes
+import datetime
 import math
 import os
 import signal
@@ -98,11 +99,25 @@ def setup_distributed():
     if world == "1":
         return 0, 1, False
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if not world.isdigit() or missing:
-        fail(f"WORLD_SIZE={world} is set but {', '.join(missing) or 'it is not a number'}: start several processes "
-             f"with torchrun (torchrun --nproc_per_node=2 {Path(sys.argv[0]).name} ...), or unset WORLD_SIZE")
+    rank = os.environ.get("RANK", "")
+    if missing or not world.isdigit() or not rank.isdigit() or not int(rank) < int(world):
+        fail(f"WORLD_SIZE={world} is set but {', '.join(missing) or f'RANK={rank} is not a rank below it'}: start "
+             f"several processes with torchrun (torchrun --nproc_per_node=2 {Path(sys.argv[0]).name} ...), or "
+             f"unset WORLD_SIZE")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    timeout = os.environ.get("NANOFT_DDP_TIMEOUT", "300")
+    if not timeout.isdigit():
+        fail(f"NANOFT_DDP_TIMEOUT={timeout!r} must be a whole number of seconds")
+    timeout = float(timeout)
+    if rank == "0":
+        print(f"waiting for {world} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              f"(at most {timeout:.0f} s, NANOFT_DDP_TIMEOUT)", file=sys.stderr, flush=True)
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as e:  # the others never came, or the rendezvous failed: torch's own error says which
+        fail(f"the {world} processes did not come together at {os.environ['MASTER_ADDR']}:"
+             f"{os.environ['MASTER_PORT']} within {timeout:.0f} s ({e.__class__.__name__}: {str(e)[:150]}): start "
+             f"them all with torchrun")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size(), True

@@ -49,9 +49,12 @@ def read_safetensors(path):
     header.pop("__metadata__", None)
     data_size = file_size - 8 - n
     data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n, shape=(data_size,)) if data_size else None
-    tensors = {}
-    for name, info in header.items():
-        np_dtype, torch_dtype, shape, (start, end) = _check_entry(path, name, info, data_size)
+    tensors, entries = {}, {name: _check_entry(path, name, info, data_size) for name, info in header.items()}
+    ranges = sorted((start, end, name) for name, (_, _, _, (start, end)) in entries.items() if end > start)
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < end:  # each tensor's bytes are its own: no two may share any
+            raise ValueError(f"{path} is not a valid safetensors file: tensors '{first}' and '{second}' overlap")
+    for name, (np_dtype, torch_dtype, shape, (start, end)) in entries.items():
         array = data[start:end].view(np_dtype).reshape(shape) if end > start else np.zeros(shape, np_dtype)
         tensors[name] = torch.from_numpy(array).view(torch_dtype)
     return tensors
