@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -209,30 +210,37 @@ def tokenize_corpus(pieces_in, total_chars, folder, shard_tokens=100_000_000, va
     if resume_piece:
         log(f"  resuming after the {len(shards.progress['shards'])} shards already written")
     seen, done_chars, start, number = 0, 0, time.time(), -1
-    batch = batch or 4 * (os.cpu_count() or 1)
-    group, shown = [], 0.0
+    batch = batch or 8 * PIECE_CHARS  # characters tokenized together: many small records make one call
+    group, grouped, shown, pending = [], 0, 0.0, None
 
-    def tokenize_group():
+    def store(tokenized):
+        """Put a tokenized group's ids into the shards, in input order."""
         nonlocal done_chars
-        texts = [text for _, text, _, _ in group]
-        for (number, text, first, split), ids in zip(group, encode_batch(texts)):
+        pieces_done, ids_list = tokenized
+        for (number, text, first, split), ids in zip(pieces_done, ids_list):
             tokens = np.concatenate([[EOT], ids]) if first else ids
             # the start of the piece an interrupted run stopped in is in the last shard it wrote
             shards.add(tokens, number, split, resume_offset if number == resume_piece else 0)
             done_chars += len(text)
-        group.clear()
 
     documents = 0
-    for number, (text, first, split) in enumerate(split_at(pieces_in, val_fraction * total_chars)):
-        seen, documents = seen + len(text), documents + first
-        if number < resume_piece:
-            continue  # already in a shard: read past it, do not tokenize it again
-        group.append((number, text, first, split))
-        if len(group) >= batch:
-            tokenize_group()
-        if time.time() - shown > 2:
-            shown = progress(seen, total_chars, done_chars, start, log)
-    tokenize_group()
+    with ThreadPoolExecutor(1) as background:  # a group is tokenized while the next one is read
+        for number, (text, first, split) in enumerate(split_at(pieces_in, val_fraction * total_chars)):
+            seen, documents = seen + len(text), documents + first
+            if number < resume_piece:
+                continue  # already in a shard: read past it, do not tokenize it again
+            group.append((number, text, first, split))
+            grouped += len(text)
+            if grouped >= batch:
+                if pending:
+                    store(pending.result())
+                pending = background.submit(lambda g: (g, encode_batch([t for _, t, _, _ in g])), group)
+                group, grouped = [], 0
+            if time.time() - shown > 2:
+                shown = progress(seen, total_chars, done_chars, start, log)
+        if pending:
+            store(pending.result())
+    store((group, encode_batch([t for _, t, _, _ in group])))
     shards.flush(number + 1, 0)
     progress(seen, seen, done_chars, start, log)
     return {**shards.progress, "documents": documents, "characters": seen}
