@@ -13,12 +13,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from configurator import fail
+from weights import temp_beside
 
 
 # ----------------------------------------------------------------------------- the out_dir
@@ -118,7 +118,7 @@ def save_atomic(obj, path):
     and a SaveError says how much room was needed."""
     path, tmp, stream = Path(path), None, None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # unique: no clashes
+        fd, tmp = temp_beside(path)
         with os.fdopen(fd, "wb") as f:
             stream = WriteErrors(f)
             torch.save(obj, stream)

@@ -29,13 +29,14 @@ from checkpoints import (RunLog, SaveError, check_out_dir, claim_out_dir, read_r
                          restore_training_state, resumed_config, save_atomic, training_state)
 from configurator import checked, configure, fail, given_keys
 from data import EOT, Split, length_grouped_batches, tokenizer
-from generation import clock, pick_device
-from load_gpt2 import atomic_write, build, check_state, config_from_dict, load_gpt2, read_checkpoint, restore_lora
+from generation import Progress, clock, pick_device
+from load_gpt2 import build, check_state, config_from_dict, load_gpt2, read_checkpoint, restore_lora
 from lora import add_lora
 from model import GPT, PRESETS
 from training import (Run, StopOnSigint, check_machinery, dataset_folder, finish, lora_settings, lr_at, make_optimizer,
                       optimizer_step, pick_dtype, plot, prepare_dataset, set_lr, start_run, stop_unless_finite,
                       trainable_line, wrap)
+from weights import atomic_write
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # training: a GPT-2 name, HF folder or .safetensors; predicting: a classifier's ckpt.pt
@@ -137,21 +138,24 @@ class LabelledSplit(Split):
 # ----------------------------------------------------------------------------- evaluation and metrics
 
 @torch.no_grad()
-def evaluate(net, split, num_classes, batch_size, max_len, run):
+def evaluate(net, split, num_classes, batch_size, max_len, run, what="evaluation"):
     """(mean loss, confusion matrix: rows = true label, columns = predicted) over the whole split. Batches
     are cut from the examples sorted by length (little padding); each process takes every world-th one."""
     net.eval()
     order = np.argsort(split.lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][run.rank::run.world]
     loss_sum = torch.zeros((), device=run.device)
     confusion = torch.zeros(num_classes, num_classes, device=run.device)
-    for indices in batches[run.rank::run.world]:
+    progress = Progress(what, len(batches), "batches") if run.master else None
+    for indices in batches:
         idx, lengths, labels = split.batch(indices, max_len, run.device)
         with run.autocast:
             logits, loss = net(idx, lengths, labels)
         loss_sum += loss.float() * len(labels)
         confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels, dtype=torch.float),
                              accumulate=True)
+        if progress:
+            progress.update()
     if run.world > 1:
         dist.all_reduce(loss_sum), dist.all_reduce(confusion)
     net.train()
@@ -416,7 +420,7 @@ def main(config):
                       "train_acc": (stats[1] / stats[2]).item(), "seconds": seconds, "examples_per_s": seen / seconds}
             stats.zero_()
             if record["epoch"] % c.eval_interval == 0 or it == total_iters:
-                val_loss, confusion = evaluate(net, val, len(labels), c.batch_size, max_len, run)
+                val_loss, confusion = evaluate(net, val, len(labels), c.batch_size, max_len, run, "val")
                 record.update(val_loss=val_loss, val_acc=accuracy(confusion))
             if run.master:
                 print(epoch_line(record, c.epochs, seconds * (total_iters - it) / steps_per_epoch), flush=True)
@@ -430,7 +434,7 @@ def main(config):
             sys.exit(130)
 
     # the end: every split evaluated with the trained model
-    results = {s: evaluate(net, split, len(labels), c.batch_size, max_len, run)
+    results = {s: evaluate(net, split, len(labels), c.batch_size, max_len, run, s)
                for s, split in (("train", train), ("val", val), ("test", test))}
     if run.master:
         metrics = {"accuracy": {s: accuracy(m) for s, (_, m) in results.items()},

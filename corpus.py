@@ -250,6 +250,11 @@ def progress(seen, total, done, start, log):
     seconds = time.time() - start
     rate = done / max(seconds, 1e-9)
     eta = (total - seen) / rate if rate else 0
-    log(f"  tokenized {seen / 1e6:,.1f} of {total / 1e6:,.1f} M characters ({100 * seen / max(total, 1):.0f}%), "
-        f"{rate / 1e6:.1f} M characters/s, ETA {eta:.0f}s")
+    log(f"  tokenized {amount(seen)} of {amount(total)} characters ({100 * seen / max(total, 1):.0f}%), "
+        f"{amount(rate)} characters/s, ETA {eta:.0f}s")
     return time.time()
+
+
+def amount(n):
+    """42,560 or 1,024.3 M: small files read as counts, large ones in millions."""
+    return f"{n:,.0f}" if n < 1e6 else f"{n / 1e6:,.1f} M"

@@ -462,6 +462,10 @@ def main(config):
     out, start = Path(c.out_dir), time.time()
     if (out / "report.json").exists() and not c.overwrite:
         fail(f"{out / 'report.json'} is an earlier report: give another --out_dir, or --overwrite=True to replace it")
+    try:
+        tokenizer()  # offline without its files: said now, not after the test loss
+    except OSError as e:
+        fail(str(e))
     judge = start_judge(c) if c.judge else None  # an unreachable judge is found before any model is loaded
     swag = hellaswag_examples(c) if c.hellaswag else None  # and a download that fails
     c.device = pick_device(c.device)

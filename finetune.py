@@ -28,11 +28,12 @@ from configurator import checked, configure, fail, given_keys
 from data import Split, TextSplit, length_grouped_batches, load_records, padding_fraction, tokenizer
 from download import sha256_of
 from generation import answer, clock
-from load_gpt2 import atomic_write, load_gpt2, model_from_checkpoint
+from load_gpt2 import load_gpt2, model_from_checkpoint
 from lora import add_lora
 from training import (StopOnSigint, check_machinery, dataset_folder, evaluate_loss, finish, lora_settings, lr_at,
                       make_optimizer, optimizer_step, plot, prepare_dataset, set_lr, start_run, stop_unless_finite,
                       trainable_line, wrap)
+from weights import atomic_write
 
 # -----------------------------------------------------------------------------
 model = "gpt2"  # a GPT-2 name, a Hugging Face folder, a .safetensors file or a previous run's ckpt.pt

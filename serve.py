@@ -395,10 +395,10 @@ class Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128  # connections the kernel holds until they are accepted (socketserver's 5 resets some)
 
-    def __init__(self, c, gpt, template):
+    def __init__(self, c, gpt, template, enc):
         """Listen on c.host:c.port (port 0: any free one) and start the engine; serve_forever() serves."""
         super().__init__((c.host, c.port), Handler)
-        self.c, self.gpt, self.template, self.enc = c, gpt, template, tokenizer()
+        self.c, self.gpt, self.template, self.enc = c, gpt, template, enc
         self.model_name, self.started = c.name or str(c.model), int(time.time())
         self.page = PAGE.read_bytes() if PAGE.exists() else None
         self.lock, self.in_flight = threading.Lock(), 0  # requests being answered
@@ -421,9 +421,10 @@ def make_server(c):
     """Load the model c.model names, as sample.py runs it, and start a Server for it on c.host:c.port."""
     dev = pick_device(c.device)
     gpt, info = load_model(c.model, device=dev, dtype=weights_dtype(c.dtype, torch.device(dev).type))
+    enc = tokenizer()
     ready_for_generation(gpt, c.quantize, c.compile)
     try:
-        return Server(c, gpt, template_of(c.template, info["template"]))
+        return Server(c, gpt, template_of(c.template, info["template"]), enc)
     except OSError as e:
         raise ValueError(f"cannot listen on {c.host}:{c.port} ({e.strerror or e}): is another server using the "
                          f"port? try --port=0") from None
@@ -433,7 +434,7 @@ def main(config):
     c = checked(config, check_settings(config))
     try:
         server = make_server(c)
-    except (DownloadError, ValueError, FileNotFoundError) as e:
+    except (DownloadError, ValueError, OSError) as e:
         fail(str(e))
     host, port = server.server_address[:2]
     print(f"serving {server.model_name} at http://{host}:{port}/ (the chat page; the API at /v1"

@@ -1000,7 +1000,7 @@ def test_prepared_dataset_is_reused_without_network(instruction_data, server, ca
     assert prepare("instruction-data", folder.parent, urls={"instruction-data": url}) == folder
     assert prepare("instruction-data", folder.parent, seed=7, urls={"instruction-data": url}) == folder
     assert len(server.requests) == before
-    assert "prepared with seed=1337 (not 7)" in capsys.readouterr().out
+    assert "prepared with seed=1337 (not 7)" in capsys.readouterr().err
 
 
 def test_alpaca_200_parses(shared, tmp_path):
@@ -1016,6 +1016,7 @@ def test_alpaca_200_parses(shared, tmp_path):
 @pytest.fixture(scope="module")
 def spam(shared, server, tmp_path_factory):
     url = server(shared / "sms_spam_collection.zip", name="sms+spam+collection.zip", truncate=True)
+    pp.KNOWN_SHA256[url] = pp.KNOWN_SHA256[pp.spam_url]  # as for the real URL: a part is resumed only if verifiable
     folder = prepare("spam", tmp_path_factory.mktemp("data"), urls={"spam": url})
     return folder
 
@@ -1367,6 +1368,18 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
         save_atomic({"iter_num": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"iter_num": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left
+
+
+def test_written_files_get_the_permissions_a_plain_write_gives(tmp_path):
+    """Temp file + rename must not leave checkpoints and exports owner-only (mkstemp's 0600): a server or
+    another user reading them (ollama, a shared models folder) would be refused."""
+    (tmp_path / "plain").write_bytes(b"x")
+    save_atomic({"iter_num": 1}, tmp_path / "ckpt.pt")
+    export_hf(GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)), tmp_path / "hf")
+    mode = (tmp_path / "plain").stat().st_mode & 0o777
+    for path in (tmp_path / "ckpt.pt", tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"):
+        assert path.stat().st_mode & 0o777 == mode, path
 
 
 @pytest.fixture(scope="module")

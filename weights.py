@@ -97,8 +97,9 @@ def write_safetensors(tensors, path, metadata=None):
 
 
 def atomic_write(path, chunks):
+    """Write chunks (bytes) to path through a temp file and a rename: readers see the old file or the new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -107,6 +108,19 @@ def atomic_write(path, chunks):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def temp_beside(path):
+    """(fd, name) of a new temp file beside path, unique, with the permissions a plain open() would give it
+    (mkstemp makes it owner-only, and the renamed file would stay so: unreadable to a server running as
+    another user)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~UMASK)
+    return fd, tmp
+
+
+UMASK = os.umask(0o022)  # read once, at import, and put back at once: os.umask can only be read by setting it
+os.umask(UMASK)
 
 
 def read_json(path, limit=10_000_000):
