@@ -77,6 +77,9 @@ def convert(key, value, default):
     elif isinstance(default, (tuple, list)):
         if isinstance(value, (tuple, list)):
             return type(default)(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
     raise ValueError(f"--{key}={value!r} is a {type(value).__name__}, but {key} takes a "
                      f"{type(default).__name__} (default: {default!r})")
 
