@@ -4,7 +4,7 @@ file, a folder of .txt/.jsonl files, or .jsonl/.json records with a "text" field
 document starts with <|endoftext|>; the val split is carved off first (as llm.c and build-nanogpt do), about
 val_fraction of the text; tokenizing runs on all cores; an interrupted run resumes after the last shard it wrote.
 
-    shards = tokenize_corpus(documents(["book.txt"]), total_chars, Path("data/book/.prepare-text"))
+    shards = tokenize_corpus(documents(["book.txt"]), total_bytes, Path("data/book/.prepare-text"))
 
 Memory stays bounded by one shard (shard_tokens x 2 bytes) and a few pieces of text in flight, whatever the
 size of the corpus.
@@ -66,12 +66,17 @@ def txt_blocks(path, size=PIECE_CHARS):
     """A UTF-8 text file's text, a block at a time (exactly its characters: no newline is changed)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     with open(path, "rb") as f:
-        while block := f.read(size):
-            try:
-                yield decoder.decode(block)
+        while True:
+            block = f.read(size)
+            try:  # the last call (an empty block) is final: a character cut off at the end is an error too
+                text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path} is not UTF-8 text ({e.reason} near byte {f.tell() - len(block) + e.start}): "
                                  f"convert it to UTF-8 and try again") from None
+            if text:
+                yield text
+            if not block:
+                return
 
 
 def pieces(blocks):
@@ -92,18 +97,25 @@ def pieces(blocks):
         yield carry
 
 
-def split_at(pieces_in, val_chars):
-    """(piece, starts_document, split) for each piece: 'val' until val_chars characters have gone by, then
-    'train'. The piece that crosses the mark is cut at the first CUT point after it."""
+def split_at(pieces_in, val_bytes):
+    """(piece, starts_document, split, bytes) for each piece: 'val' until val_bytes bytes of text have gone by,
+    then 'train'. Counted in UTF-8 bytes, as the files' sizes are (in characters, a file of 3-byte characters
+    would put three times val_fraction into val). The piece that crosses the mark is cut at the first CUT point
+    after it."""
     seen = 0
     for text, first in pieces_in:
-        cut = CUT.search(text, int(val_chars - seen)) if seen < val_chars < seen + len(text) else None
+        size = len(text.encode("utf-8", "surrogatepass"))  # JSON strings may hold lone surrogates
+        cut = None
+        if seen < val_bytes < seen + size:
+            cut = CUT.search(text, int((val_bytes - seen) * len(text) / size))
         if cut:
-            yield text[:cut.start()], first, "val"
-            yield text[cut.start():], False, "train"
+            head = text[:cut.start()]
+            head_size = len(head.encode("utf-8", "surrogatepass"))
+            yield head, first, "val", head_size
+            yield text[cut.start():], False, "train", size - head_size
         else:
-            yield text, first, "val" if seen < val_chars else "train"
-        seen += len(text)
+            yield text, first, "val" if seen < val_bytes else "train", size
+        seen += size
 
 
 def record_texts(path, skips, lines=None):
@@ -197,64 +209,64 @@ class Shards:
         self.filled = 0
 
 
-def tokenize_corpus(pieces_in, total_chars, folder, shard_tokens=100_000_000, val_fraction=0.1, source_id="",
+def tokenize_corpus(pieces_in, total_bytes, folder, shard_tokens=100_000_000, val_fraction=0.1, source_id="",
                     batch=None, log=print):
-    """Tokenize (piece, starts_document) pairs into shards in folder: about the first val_fraction of total_chars
-    characters go to val, the rest to train. Goes on after the shards an interrupted call with the same settings
-    and source_id (say, the sources' sizes and times) left in folder. Returns the shards (split, file, tokens,
-    sha256) and the documents and characters read."""
+    """Tokenize (piece, starts_document) pairs into shards in folder: about the first val_fraction of total_bytes
+    (the sources' size) go to val, the rest to train. Goes on after the shards an interrupted call with the same
+    settings and source_id (say, the sources' sizes and times) left in folder. Returns the shards (split, file,
+    tokens, sha256) and the documents and bytes of text read."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = Shards(folder, shard_tokens, {"shard_tokens": shard_tokens, "val_fraction": val_fraction,
                                            "source": source_id})
     resume_piece, resume_offset = shards.progress["piece"], shards.progress["offset"]
     if resume_piece:
         log(f"  resuming after the {len(shards.progress['shards'])} shards already written")
-    seen, done_chars, start, number = 0, 0, time.time(), -1
+    seen, done_bytes, start, number = 0, 0, time.time(), -1
     batch = batch or 8 * PIECE_CHARS  # characters tokenized together: many small records make one call
     group, grouped, shown, pending = [], 0, 0.0, None
 
     def store(tokenized):
         """Put a tokenized group's ids into the shards, in input order."""
-        nonlocal done_chars
+        nonlocal done_bytes
         pieces_done, ids_list = tokenized
-        for (number, text, first, split), ids in zip(pieces_done, ids_list):
+        for (number, text, first, split, size), ids in zip(pieces_done, ids_list):
             tokens = np.concatenate([[EOT], ids]) if first else ids
             # the start of the piece an interrupted run stopped in is in the last shard it wrote
             shards.add(tokens, number, split, resume_offset if number == resume_piece else 0)
-            done_chars += len(text)
+            done_bytes += size
 
     documents = 0
     with ThreadPoolExecutor(1) as background:  # a group is tokenized while the next one is read
-        for number, (text, first, split) in enumerate(split_at(pieces_in, val_fraction * total_chars)):
-            seen, documents = seen + len(text), documents + first
+        for number, (text, first, split, size) in enumerate(split_at(pieces_in, val_fraction * total_bytes)):
+            seen, documents = seen + size, documents + first
             if number < resume_piece:
                 continue  # already in a shard: read past it, do not tokenize it again
-            group.append((number, text, first, split))
+            group.append((number, text, first, split, size))
             grouped += len(text)
             if grouped >= batch:
                 if pending:
                     store(pending.result())
-                pending = background.submit(lambda g: (g, encode_batch([t for _, t, _, _ in g])), group)
+                pending = background.submit(lambda g: (g, encode_batch([p[1] for p in g])), group)
                 group, grouped = [], 0
             if time.time() - shown > 2:
-                shown = progress(seen, total_chars, done_chars, start, log)
+                shown = progress(seen, total_bytes, done_bytes, start, log)
         if pending:
             store(pending.result())
-    store((group, encode_batch([t for _, t, _, _ in group])))
+    store((group, encode_batch([p[1] for p in group])))
     shards.flush(number + 1, 0)
-    progress(seen, seen, done_chars, start, log)
-    return {**shards.progress, "documents": documents, "characters": seen}
+    progress(seen, seen, done_bytes, start, log)
+    return {**shards.progress, "documents": documents, "bytes": seen}
 
 
 def progress(seen, total, done, start, log):
     seconds = time.time() - start
     rate = done / max(seconds, 1e-9)
     eta = (total - seen) / rate if rate else 0
-    log(f"  tokenized {amount(seen)} of {amount(total)} characters ({100 * seen / max(total, 1):.0f}%), "
-        f"{amount(rate)} characters/s, ETA {eta:.0f}s")
+    log(f"  tokenized {amount(seen)} of {amount(total)} ({100 * seen / max(total, 1):.0f}%), {amount(rate)}/s, "
+        f"ETA {eta:.0f}s")
     return time.time()
 
 
 def amount(n):
-    """42,560 or 1,024.3 M: small files read as counts, large ones in millions."""
-    return f"{n:,.0f}" if n < 1e6 else f"{n / 1e6:,.1f} M"
+    """42,560 bytes or 1,024.3 MB: small files read as counts, large ones in megabytes."""
+    return f"{n:,.0f} bytes" if n < 1e6 else f"{n / 1e6:,.1f} MB"

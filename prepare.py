@@ -260,8 +260,10 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
     name, kind, source = resolve(dataset, urls)
     folder = Path(data_dir).expanduser() / name
     asked = {"source": source, "seed": seed, "max_length": max_length, "truncate": truncate}
+    asked_text = {"source": source, "shard_tokens": shard_tokens, "val_fraction": val_fraction}  # what text uses
     if (folder / "meta.json").exists():
-        changed = what_changed(read_meta(folder), asked)
+        meta = read_meta(folder)
+        changed = what_changed(meta, asked_text if meta.get("kind") == "text" else asked)
         if not changed:
             return folder
         print(f"note: {folder} was prepared with {changed}: preparing it again", file=sys.stderr)
@@ -271,7 +273,7 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
     print(f"{name}: preparing {raw}")
     start, rng, skips, counts = time.time(), np.random.default_rng(seed), Skips(), Counter()
     if kind == "text":
-        return prepare_text(name, raw, folder, asked, shard_tokens, val_fraction, start)
+        return prepare_text(name, raw, folder, asked_text, start)
     records = read_records(name, raw, skips, counts)
     if not records:
         raise ValueError(f"{source} has no valid record (skipped: {dict(skips) or 'none'})")
@@ -299,12 +301,13 @@ def prepare(dataset, data_dir="data", seed=1337, max_length=1024, truncate=False
     return folder
 
 
-def prepare_text(name, raw, folder, asked, shard_tokens, val_fraction, start):
+def prepare_text(name, raw, folder, asked, start):
     """A text dataset: its documents tokenized into uint16 shards, the val split first (corpus.py). The shards
     are made in folder/.prepare-text, which an interrupted run leaves for the next to go on from, then moved
     into place with meta.json last."""
     files = text_files(raw)
     work, skips = folder / ".prepare-text", Counter()
+    shard_tokens, val_fraction = asked["shard_tokens"], asked["val_fraction"]
     progress = tokenize_corpus(documents(files, skips), sum(f.stat().st_size for f in files), work, shard_tokens,
                                val_fraction, source_id=stamp(raw))
     shards = progress["shards"]
@@ -314,8 +317,8 @@ def prepare_text(name, raw, folder, asked, shard_tokens, val_fraction, start):
                          f"tokens; give more text (or another val_fraction)")
     meta = {"name": name, "kind": "text", **asked, "raw": raw.name, "sha256": fingerprint(raw), **stamp(raw),
             "tokenizer": "gpt2", "splits": splits, "shards": shards, "skipped": dict(skips),
-            "counts": {"files": len(files), "documents": progress["documents"], "characters": progress["characters"]},
-            "tokens": {"total": sum(splits.values())}, "shard_tokens": shard_tokens, "val_fraction": val_fraction}
+            "counts": {"files": len(files), "documents": progress["documents"], "bytes": progress["bytes"]},
+            "tokens": {"total": sum(splits.values())}}
     for old in folder.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].npy"):  # a former preparation's shards
         old.unlink()
     for shard in shards:
