@@ -14,6 +14,7 @@ It writes out_dir/report.json (every number and every setting), report.md (a tab
 judge scored most differently), answers.jsonl and hellaswag.jsonl (per example) and, with matplotlib, report.png.
 """
 
+import io
 import json
 import math
 import os
@@ -274,9 +275,10 @@ def asking(judge, what, n, unit, ask):
     progress = Progress(what, n, unit, quiet=0)
     try:
         return ask(progress.update)
-    except JudgeError as e:
-        fail(str(e), status=1)
-    except KeyboardInterrupt:  # requests in flight would hold the exit for up to judge_timeout
+    except JudgeError as e:  # os._exit: requests still in flight would hold a normal exit for minutes
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    except KeyboardInterrupt:
         print(f"\ninterrupted: the verdicts so far are cached in {judge.cache.path}; run the same command again "
               f"to go on from there", file=sys.stderr, flush=True)
         os._exit(130)
@@ -425,8 +427,9 @@ def chart(results, path):
     ax.set_xticklabels([LABELS[k].replace(" (0-100)", " / 100") for k in keys], rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1), ax.legend(fontsize=8)
     ax.set_title("higher is better; whiskers: 95% bootstrap CI", fontsize=9), fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    png = io.BytesIO()  # written whole or not at all, as every other file of the report
+    fig.savefig(png, format="png"), plt.close(fig)
+    atomic_write(path, [png.getvalue()])
     return True
 
 
@@ -453,6 +456,9 @@ def write_report(out, c, config, data, results, pairwise, seconds):
               "pairwise": {k: v for k, v in pairwise.items() if k != "examples"} if pairwise else None}
     write_atomic(out / "report.md", markdown(c, results, pairwise, data))
     drew = chart(results, out / "report.png")
+    written = {"answers.jsonl": bool(data), "hellaswag.jsonl": c.hellaswag, "report.png": drew}
+    for name in [n for n, wrote in written.items() if not wrote and c.overwrite]:  # not the old report's
+        (out / name).unlink(missing_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")  # last: a folder with it is a report
     print(f"wrote {out / 'report.md'}, report.json{', report.png' if drew else ''} in {clock(seconds)}")
 
@@ -482,6 +488,8 @@ def main(config):
     pairwise = judge_pairs(judge, data[1], *results, c) if judge and c.judge_mode != "score" else None
     print(markdown(c, results, pairwise, data).split("\n## ")[0])
     write_report(out, c, config, data, results, pairwise, time.time() - start)
+    if judge:
+        judge.cache.close()
 
 
 if __name__ == "__main__":

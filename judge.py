@@ -24,7 +24,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import requests
 
@@ -134,10 +133,24 @@ class Cache:
 
 
 def ollama_url(host):
-    """OLLAMA_HOST as Ollama reads it: host, host:port or a URL; the port defaults to 11434."""
-    host = host if "://" in host else "http://" + host
-    parsed = urlparse(host)
-    return host.rstrip("/") if parsed.port else f"{parsed.scheme}://{parsed.hostname}:11434"
+    """OLLAMA_HOST as Ollama's own client reads it: host, host:port or a URL, a path kept; the port defaults to
+    11434 without a scheme, to 80 or 443 with http:// or https://."""
+    scheme, sep, rest = host.strip().partition("://")
+    if not sep:
+        scheme, rest = "http", host.strip()
+    port = {"http": 80, "https": 443}.get(scheme, 11434) if sep else 11434
+    hostport, _, path = rest.partition("/")
+    if hostport.startswith("["):  # [::1]:8080
+        name, _, tail = hostport[1:].partition("]")
+        port_text = tail.removeprefix(":")
+    elif hostport.count(":") == 1:
+        name, _, port_text = hostport.partition(":")
+    else:  # no port; a bare IPv6 address has colons but none is a port's
+        name, port_text = hostport, ""
+    port = int(port_text) if port_text.isdigit() and int(port_text) < 65536 else port  # else the default, as Ollama
+    name = name or "127.0.0.1"
+    name = f"[{name}]" if ":" in name else name
+    return f"{scheme}://{name}:{port}" + (f"/{path}".rstrip("/") if path.strip("/") else "")
 
 
 class Judge:
@@ -221,11 +234,12 @@ class Judge:
     def ask(self, messages):
         """The judge's reply to a conversation: from the cache, else from the server (retried on dropped
         connections, timeouts, 429 and 5xx, waiting BACKOFF seconds, then twice as long each time)."""
-        key = hashlib.sha256(json.dumps([self.spec, messages], ensure_ascii=False).encode()).hexdigest()
+        path, payload = self.request(messages)
+        # the request itself is the key: another server, model, max_tokens or conversation is asked anew
+        key = hashlib.sha256(json.dumps([self.url + path, payload], ensure_ascii=False).encode()).hexdigest()
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        path, payload = self.request(messages)
         for attempt in range(self.retries):
             try:
                 r = requests.post(self.url + path, json=payload, headers=self.headers(), timeout=self.timeout,
