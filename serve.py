@@ -401,7 +401,7 @@ class Server(ThreadingHTTPServer):
         self.c, self.gpt, self.template, self.enc = c, gpt, template, enc
         self.model_name, self.started = c.name or str(c.model), int(time.time())
         self.page = PAGE.read_bytes() if PAGE.exists() else None
-        self.lock, self.in_flight = threading.Lock(), 0  # requests being answered
+        self.lock, self.in_flight, self.connections = threading.Lock(), 0, set()  # requests being answered
         self.engine = Engine(gpt, c.max_batch, c.max_queue)
         self.engine.thread.start()
 
@@ -415,6 +415,26 @@ class Server(ThreadingHTTPServer):
         deadline = time.time() + patience
         while self.in_flight and time.time() < deadline:
             time.sleep(0.02)
+        with self.lock:  # connections kept alive for a next request: closed, so that their threads end now
+            idle = list(self.connections)
+        for sock in idle:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        while self.connections and time.time() < deadline:
+            time.sleep(0.02)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        with self.lock:
+            self.connections.add(sock)
+        return sock, address
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
 
 
 def make_server(c):
