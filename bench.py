@@ -150,7 +150,8 @@ def bench_int8():
     share of positions where the free-running outputs are identical."""
     import copy
     print(f"precision: batch 1, {quality_prompts} random {prompt_len}-token prompts x {quality_tokens} greedy tokens, "
-          f"random-init weights, {torch.get_num_threads()} threads; quality against fp32 on fp32's continuation")
+          f"random-init weights; {cpu_name()}, {torch.get_num_threads()} threads; quality against fp32 on fp32's "
+          f"continuation")
     print(f"{'model':<12} {'weights':<8} {'MB':>6} {'tok/s':>6} {'vs fp32':>7} {'mean |dlogit|':>13} "
           f"{'same greedy':>11} {'same text':>9}")
     for name in models:
