@@ -767,9 +767,12 @@ def test_configurator_rejects_wrong_types(settings, capsys, arg, why):
 
 
 def test_configurator_applies_config_file_first(settings, tmp_path, capsys):
-    (tmp_path / "cfg.py").write_text("lr = 1e-5\nbatch_size = 4\n_private = 1\n")
+    (tmp_path / "cfg.py").write_text("lr = 1e-5\nbatch_size = 4\nmodel = 'gpt2-large'\n_private = 1\n")
     config = configure(settings, [str(tmp_path / "cfg.py"), "--batch_size=2"])
-    assert config["lr"] == 1e-5 and config["batch_size"] == 2
+    assert config["lr"] == 1e-5 and config["batch_size"] == 2 and config["model"] == "gpt2-large"
+    (tmp_path / "wrong.py").write_text("model = 2\n")
+    code, err = run_configure(settings, [str(tmp_path / "wrong.py")], capsys)
+    assert code == 2 and "model takes a str" in err
     (tmp_path / "bad.py").write_text("learning_rate = 1e-5\n")
     code, err = run_configure(settings, [str(tmp_path / "bad.py")], capsys)
     assert code == 2 and "unknown config key 'learning_rate'" in err
@@ -1533,6 +1536,21 @@ def test_text_records_and_folders_are_documents_separated_by_endoftext(tmp_path,
     url = server(corpus / "a.jsonl", name="web/fineweb.jsonl")  # at a URL, told from Alpaca records by their keys
     assert meta_of(prepare(url, tmp_path / "data", val_fraction=0.3))["kind"] == "text"
     assert meta_of(prepare(str(write_instructions(tmp_path / "mine.json", n=20)), tmp_path / "data"))["kind"] == "instruction"
+
+
+def test_text_splits_by_bytes_and_is_prepared_again_only_for_the_settings_text_uses(tmp_path, enc, capsys):
+    (tmp_path / "ja.txt").write_text("日本語の文章です。 これは試験です。\n" * 400)  # 3 bytes a character
+    folder = prepare(str(tmp_path / "ja.txt"), tmp_path / "data", val_fraction=0.1)
+    val_bytes = len(enc.decode(shard_tokens(folder, "val")[1:]).encode())
+    assert 0.08 < val_bytes / (tmp_path / "ja.txt").stat().st_size < 0.12  # not 30%: bytes, as the file's size
+    capsys.readouterr()
+    assert prepare(str(tmp_path / "ja.txt"), tmp_path / "data", seed=7) == folder  # seed: no meaning for text
+    assert "preparing it again" not in capsys.readouterr().err
+    prepare(str(tmp_path / "ja.txt"), tmp_path / "data", val_fraction=0.2)
+    assert "val_fraction=0.1 (not 0.2)" in capsys.readouterr().err and meta_of(folder)["val_fraction"] == 0.2
+    (tmp_path / "cut.txt").write_bytes("a whole line\n".encode() * 50 + b"ab\xe2\x82")  # a character cut off
+    with pytest.raises(ValueError, match="cut.txt is not UTF-8 text"):
+        prepare(str(tmp_path / "cut.txt"), tmp_path / "data")
 
 
 def test_an_interrupted_text_preparation_goes_on_from_its_last_shard(tmp_path, monkeypatch, enc):
@@ -2810,6 +2828,9 @@ def test_judge_cache_makes_a_rerun_free_and_resumes_after_a_torn_line(judge_stub
     assert {i: v.value for i, v in resumed.run(jobs, 3)} == first
     assert len(judge_stub.chats) == asked + len(lines) - 5  # only what was lost is asked again
     assert len(jg.Cache(str(path)).replies) == len(lines)
+    longer, before = jg.Judge("ollama:judge", jg.Cache(str(path)), url=judge_stub.url, max_tokens=64), len(judge_stub.chats)
+    list(longer.run(jobs[:2], 2))  # another reply length is another request: not answered from the cache
+    assert len(judge_stub.chats) - before >= 2 and judge_stub.chats[-1][1]["options"]["num_predict"] == 64
 
 
 def test_judge_retries_with_backoff_and_times_out(judge_stub, tmp_path, monkeypatch):
@@ -2864,7 +2885,7 @@ def test_judge_speaks_openai_chat_completions_to_serve_py(tiny, tmp_path):
             unchecked.judge(jobs[0])
     finally:
         stop_server(server)
-    offline = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit")
+    offline = jg.Judge("openai:judge", jg.Cache(str(tmp_path / "c.jsonl")), url=server.url, key="sekrit", max_tokens=5)
     cached = {i: (v.value, v.text) for i, v in offline.run(jobs, 3)}
     assert cached == {i: (v.value, v.text) for i, v in verdicts.items()}
 
@@ -2875,6 +2896,9 @@ def test_parsing_takes_only_what_the_prompt_asks_for():
     choices = [jg.parse_choice(t) for t in ["A", " B.", "(A)", "a", "AB", "Response A"]]
     assert choices == ["A", "B", "A", None, None, None]
     assert jg.ollama_url("0.0.0.0") == "http://0.0.0.0:11434" and jg.ollama_url("http://h:1234/") == "http://h:1234"
+    assert jg.ollama_url("https://ollama.example.com") == "https://ollama.example.com:443"  # as Ollama reads it
+    assert jg.ollama_url("::1") == "http://[::1]:11434" and jg.ollama_url("h/api/x/") == "http://h:11434/api/x"
+    assert jg.ollama_url("http://[::1]:8080") == "http://[::1]:8080" and jg.ollama_url("") == "http://127.0.0.1:11434"
 
 
 # --- HellaSwag, against straightforward transformers implementations of both ways to score it
@@ -3104,6 +3128,10 @@ def test_evaluate_reports_model_and_baseline_with_judge_and_hellaswag(eval_run, 
     assert status == 0 and len(stub.chats) == asked, err
     again = json.loads((root / "eval" / "report.json").read_text())
     assert again["models"] == report["models"] and again["pairwise"] == report["pairwise"]
+    assert (root / "eval" / "hellaswag.jsonl").exists()  # and once without HellaSwag: the old file goes
+    status, _, err = evaluate_here(eval_run, monkeypatch, capsys, *args, "--hellaswag=False", "--overwrite=True",
+                                   OLLAMA_HOST=stub.url)
+    assert status == 0 and not (root / "eval" / "hellaswag.jsonl").exists(), err
     stub.shutdown()
     stub.server_close()
 
@@ -3561,6 +3589,23 @@ def test_serve_stopped_with_cancel_ends_the_texts_being_generated(tiny):
     events = read_events(sock, until='"error"')
     assert "this request was cancelled" in events[-1] and time.time() - started < 1.5
     assert not server.engine.thread.is_alive() and server.in_flight == 0
+
+
+def test_serve_stopping_closes_connections_kept_alive(tiny):
+    """A client's idle keep-alive connection (the OpenAI client keeps one) is closed when the server stops, so
+    no handler thread is left waiting on it."""
+    server = start_server(tiny[1])
+    sock = socket.create_connection(server.server_address, timeout=5)
+    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0]
+    started = time.time()
+    stop_server(server)
+    rest = b""
+    while chunk := sock.recv(65536):  # the server's close: recv returns b"" instead of waiting
+        rest += chunk
+    assert time.time() - started < 2 and not server.connections
+    sock.close()
 
 
 def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_path):
