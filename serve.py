@@ -407,8 +407,8 @@ class Server(ThreadingHTTPServer):
 
     def stop(self, cancel=False, patience=10.0):
         """Once serve_forever has returned (Ctrl-C, or shutdown() from another thread): stop listening, stop the
-        engine (it finishes the texts it is generating, unless cancel), and give the handlers up to patience
-        seconds to send their last bytes."""
+        engine (it finishes the texts it is generating, unless cancel), give the handlers up to patience
+        seconds to send their last bytes, then close the connections that clients keep open."""
         self.server_close()
         self.engine.stop(cancel)
         self.engine.thread.join()
