@@ -29,7 +29,7 @@ import hellaswag as hs
 from configurator import checked, configure, fail
 from data import Split, collate, load_records, tokenizer
 from download import DownloadError, sha256_of
-from generation import Progress, answer, clock, cpu_name, pick_device, target_logprobs, weights_dtype
+from generation import Progress, answer, answer_batch_size, clock, cpu_name, pick_device, target_logprobs, weights_dtype
 from judge import Cache, Judge, JudgeError, compare_answers, score_answers
 from load_gpt2 import cache_dir, load_model
 from metrics import answer_metrics, bootstrap_ci, mean_ci
@@ -46,7 +46,7 @@ overwrite = False  # replace an earlier report in out_dir
 limit = 0  # evaluate only the first N examples of the test split and of HellaSwag; 0 = all
 answers = True  # the test split: loss and perplexity of the references, greedy answers, ROUGE-L / F1 / exact match
 max_new_tokens = 256  # the most tokens of a generated answer (finetune.py's test_responses.json: 256 too)
-batch_size = 8  # examples per batch: loss, generation (grouped by length) and HellaSwag (4 rows per example)
+batch_size = 8  # examples per batch of the loss and HellaSwag (4 rows per example); answers: as many as memory allows
 judge = ""  # ollama:MODEL (Ollama's /api/chat at OLLAMA_HOST) or openai:MODEL (at judge_url); empty: no judge
 judge_url = ""  # the judge's base URL; openai: needed (https://api.openai.com...); ollama: default OLLAMA_HOST
 judge_key_env = "OPENAI_API_KEY"  # the environment variable with the judge's API key (sent only if it is set)
@@ -147,10 +147,11 @@ def response_losses(model, split, indices, batch_size, progress):
     return [nll[i] for i in indices], [tokens[i] for i in indices]
 
 
-def generate_answers(model, split, indices, max_new_tokens, batch_size, progress):
+def generate_answers(model, split, indices, max_new_tokens, progress):
     """Greedy answers (text) to the examples' prompts, in batches of prompts of similar length."""
     enc, texts = tokenizer(), {}
     order = sorted(indices, key=lambda i: len(split.prompt(i)))
+    batch_size = answer_batch_size(model, max((len(split.prompt(i)) for i in order), default=1), max_new_tokens)
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
         ids = answer(model, [split.prompt(i) for i in group], max_new_tokens, batch_size=len(group))
@@ -202,7 +203,7 @@ def evaluate_answers(gpt, name, c, folder, records):
     texts, source = saved_answers(name, records, c.max_new_tokens), "test_responses.json"
     if texts is None:
         progress = Progress(f"{name}: answering", len(indices), quiet=0)
-        texts, source = generate_answers(gpt, split, indices, c.max_new_tokens, c.batch_size, progress), "generated"
+        texts, source = generate_answers(gpt, split, indices, c.max_new_tokens, progress), "generated"
     examples = [{"answer": t, "loss": l / n if n else None, "tokens": n, **answer_metrics(t, r["output"])}
                 for t, l, n, r in zip(texts, nll, tokens, records)]
     loss = sum(nll) / sum(tokens) if sum(tokens) else float("nan")  # per token: longer answers weigh more

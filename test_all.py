@@ -46,7 +46,7 @@ from data import (ALPACA_TEMPLATE, IGNORE, Split, TextSplit, collate, format_pro
                   load_split, padding_fraction)
 from download import DownloadError
 from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template
-from generation import TextStream
+from generation import TextStream, answer, answer_batch_size
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
@@ -226,6 +226,12 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny):
     for row, p in zip(batch, prompts):
         alone = ours.generate(torch.tensor([p]), 20, temperature=0)[0]
         assert row[width - len(p):].tolist() == alone.tolist()
+    # answers (finetune's test answers, evaluate's) batch as many prompts as a 1 GB KV cache holds, up to 32
+    many = [list(range(1, 3 + i % 9)) for i in range(40)]
+    assert answer(ours, many, 12) == answer(ours, many, 12, batch_size=1)
+    with torch.device("meta"):
+        medium = GPT(GPTConfig.from_name("gpt2-medium"))  # its KV cache: 196 KB a token a row in fp32
+    assert answer_batch_size(ours, 60, 256) == 32 and answer_batch_size(medium, 60, 256) == 17  # 1 GB / (316 x 196 KB)
 
 
 def test_sampling_knobs(tiny):
@@ -3152,7 +3158,7 @@ def test_evaluate_loss_counts_response_tokens_as_transformers_does(eval_run):
 def test_evaluate_regenerates_what_finetune_answered(eval_run, monkeypatch, capsys):
     root = eval_run.root
     split = Split(root / "data" / "colors", "test")
-    ours = ev.generate_answers(load(root / "out" / "ckpt.pt"), split, list(range(len(split))), 8, 4,
+    ours = ev.generate_answers(load(root / "out" / "ckpt.pt"), split, list(range(len(split))), 8,
                                ev.Progress("answering", len(split)))
     assert ours == [s["model_response"] for s in json.loads((root / "out" / "test_responses.json").read_text())]
     status, _, err = evaluate_here(eval_run, monkeypatch, capsys, "--model=out/ckpt.pt", "--max_new_tokens=4",
