@@ -3145,14 +3145,16 @@ def test_evaluate_reports_model_and_baseline_with_judge_and_hellaswag(eval_run, 
 def test_evaluate_loss_counts_response_tokens_as_transformers_does(eval_run):
     root = eval_run.root
     hf = GPT2LMHeadModel.from_pretrained(root / "other").eval()
-    answers = read_jsonl(root / "eval" / "answers.jsonl")
+    split = Split(root / "data" / "colors", "test")
+    nll, counts = ev.response_losses(load(root / "other"), split, list(range(len(split))), 4,
+                                     ev.Progress("test loss", len(split)))
     tokens, prompt_len = split_examples(root / "data" / "colors", "test")
-    for a, ids, n in zip(answers, tokens, prompt_len):
+    for total, count, ids, n in zip(nll, counts, tokens, prompt_len):
         labels = torch.tensor([ids])
         labels[0, :n] = -100  # the prompt carries no loss; the response and its <|endoftext|> do
         with torch.no_grad():
             loss = hf(torch.tensor([ids]), labels=labels).loss.item()
-        assert a["baseline"]["tokens"] == len(ids) - n and abs(a["baseline"]["loss"] - loss) < 1e-4
+        assert count == len(ids) - n and abs(total / count - loss) < 1e-4
 
 
 def test_evaluate_regenerates_what_finetune_answered(eval_run, monkeypatch, capsys):
