@@ -128,16 +128,16 @@ def answer_batch_size(model, longest, max_new_tokens, most=32):
 
 
 @torch.no_grad()
-def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answers"):
+def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answers", progress=None):
     """Greedy answers (token lists, without the end-of-text) to prompts (token lists), in their order. Prompts of
     similar length are batched together (batch_size rows; by default answer_batch_size's), left-padded (a
     batch's greedy outputs equal each prompt's alone), and a batch ends as soon as all its answers have. ctx: an
-    autocast context, if any. Long work shows progress."""
+    autocast context, if any. Long work shows progress (progress: the caller's Progress instead of one of its own)."""
     was_training = model.training
     model.eval()
     batch_size = batch_size or answer_batch_size(model, max(map(len, prompts), default=1), max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding, and similar answers
-    answers, progress = [None] * len(prompts), Progress(what, len(prompts), "prompts")
+    answers, progress = [None] * len(prompts), progress or Progress(what, len(prompts), "prompts")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         idx, valid = left_pad([list(prompts[i][-(model.config.block_size - 1):]) for i in batch], model.wte.weight.device)
@@ -232,13 +232,16 @@ def cut_at_stops(text, stops):
 def target_logprobs(model, idx, targets, ctx=None):
     """(sum, count): per row of idx (B, T), the summed log-probability of its targets (B, T; the next tokens,
     IGNORE where nothing is scored) and how many were scored. The head runs on the scored positions only:
-    a (B, T, 50257) logits tensor is never made. ctx: an autocast context, if any."""
+    a (B, T, 50257) logits tensor is never made, and the head's output is taken 64 rows at a time, so each piece
+    stays in the cache (~3x faster on the CPU than all at once: 2,400 x 50,257 logits). ctx: an autocast
+    context, if any."""
     was_training = model.training
     model.eval()
     scored = targets != IGNORE
     with ctx or nullcontext():
-        logits = model.lm_head(model.hidden_states(idx)[scored])
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[scored][:, None])[:, 0]
+        hidden, wanted = model.hidden_states(idx)[scored], targets[scored]
+        logp = torch.cat([torch.log_softmax(model.lm_head(h).float(), dim=-1).gather(1, t[:, None])[:, 0]
+                          for h, t in zip(hidden.split(64), wanted.split(64))] or [hidden.new_zeros(0).float()])
     rows = torch.arange(idx.size(0), device=idx.device)[:, None].expand_as(targets)[scored]
     sums = torch.zeros(idx.size(0), dtype=torch.float64, device=idx.device).index_add_(0, rows, logp.double())
     model.train(was_training)
