@@ -29,7 +29,7 @@ import hellaswag as hs
 from configurator import checked, configure, fail
 from data import Split, collate, load_records, tokenizer
 from download import DownloadError, sha256_of
-from generation import Progress, answer, answer_batch_size, clock, cpu_name, pick_device, target_logprobs, weights_dtype
+from generation import Progress, answer, clock, cpu_name, pick_device, target_logprobs, weights_dtype
 from judge import Cache, Judge, JudgeError, compare_answers, score_answers
 from load_gpt2 import cache_dir, load_model
 from metrics import answer_metrics, bootstrap_ci, mean_ci
@@ -148,16 +148,10 @@ def response_losses(model, split, indices, batch_size, progress):
 
 
 def generate_answers(model, split, indices, max_new_tokens, progress):
-    """Greedy answers (text) to the examples' prompts, in batches of prompts of similar length."""
-    enc, texts = tokenizer(), {}
-    order = sorted(indices, key=lambda i: len(split.prompt(i)))
-    batch_size = answer_batch_size(model, max((len(split.prompt(i)) for i in order), default=1), max_new_tokens)
-    for start in range(0, len(order), batch_size):
-        group = order[start:start + batch_size]
-        ids = answer(model, [split.prompt(i) for i in group], max_new_tokens, batch_size=len(group))
-        texts.update((i, enc.decode(a).strip()) for i, a in zip(group, ids))
-        progress.update(len(group))
-    return [texts[i] for i in indices]
+    """Greedy answers (text) to the examples' prompts (generation.answer: batched by prompt length)."""
+    enc = tokenizer()
+    answers = answer(model, [split.prompt(i) for i in indices], max_new_tokens, progress=progress)
+    return [enc.decode(a).strip() for a in answers]
 
 
 def saved_answers(name, records, max_new_tokens):
