@@ -11,7 +11,6 @@ size of the corpus.
 """
 
 import codecs
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from data import EOT, encode_batch
+from download import sha256_of
 from readers import MAX_FILE_BYTES, lines_of
+from weights import atomic_write
 
 PIECE_CHARS = 1 << 20  # text is tokenized in pieces of about 1 M characters
 # a cut where GPT-2's pre-tokenizer splits anyway, so the pieces' ids are exactly the whole text's: between a
@@ -199,13 +200,11 @@ class Shards:
         tmp = self.folder / (name + ".tmp")
         with open(tmp, "wb") as f:
             np.save(f, self.buffer[:self.filled])
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        digest = sha256_of(tmp)  # in pieces: the shard is not read back whole
         os.replace(tmp, self.folder / name)
         self.progress["shards"].append({"split": self.split, "file": name, "tokens": self.filled, "sha256": digest})
         self.progress.update(piece=piece, offset=offset)
-        tmp = self.folder / "progress.json.tmp"
-        tmp.write_text(json.dumps(self.progress))
-        os.replace(tmp, self.folder / "progress.json")
+        atomic_write(self.folder / "progress.json", [json.dumps(self.progress).encode()])
         self.filled = 0
 
 

@@ -35,6 +35,7 @@ from data import ALPACA_TEMPLATE, EOT, encode_batch, format_prompt, read_meta
 from download import DownloadError, download, sha256_of
 from corpus import documents, is_text_records, record_texts, text_files, tokenize_corpus
 from readers import Skips, decode, read_records
+from weights import atomic_write
 
 # -----------------------------------------------------------------------------
 dataset = "alpaca"  # alpaca, instruction-data, medquad, spam, or a path/URL to a .json/.jsonl/.csv/.tsv/.txt
@@ -360,10 +361,8 @@ def what_changed(meta, asked):
 
 
 def atomic_json(path, value):
-    """Write value as JSON to a temp file, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write value as JSON through weights.atomic_write (a temp file, then a rename)."""
+    atomic_write(path, [(json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")])
 
 
 def summarize(meta, seconds, folder):
