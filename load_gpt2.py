@@ -216,8 +216,8 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, mer
         config = read_hf_config(beside) if beside.exists() else config_from_tensors(tensors)
     elif path.suffix == ".bin":  # llm.c's checkpoint: already in model.py's names and layout
         values, state = read_llmc(path)
-        return build(check_config(GPTConfig(**values)), check_state(state, GPTConfig(**values)), device, dtype,
-                     dropout), info
+        config = config_from_dict(values)
+        return build(config, check_state(state, config), device, dtype, dropout), info
     else:
         ckpt = read_checkpoint(path)
         if "model_args" in ckpt:
