@@ -155,6 +155,12 @@ def test_generation_in_training_mode_equals_eval_mode(tiny):
     gpt = load(tiny[1])
     prompt = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(5))
     assert torch.equal(gpt.train().generate(prompt, 12, temperature=0), gpt.eval().generate(prompt, 12, temperature=0))
+    # and a forward over left-padded rows: the matmul attention's mask is the same as SDPA's
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[0, :3] = False
+    with torch.no_grad():
+        trained, evaluated = gpt.train()(prompt, valid=valid)[0], gpt.eval()(prompt, valid=valid)[0]
+    assert torch.allclose(trained, evaluated, atol=1e-5)
 
 
 def hub_style_state_dict(hf):
