@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from data import EOT
-from generation import TextStream, left_pad
+from generation import TextStream, prefill_apart
 from model import sample_next
 
 
@@ -177,13 +177,7 @@ class Engine:
     def join(self, rows):
         """Prefill the prompts of rows as a left-padded batch of their own, pick each one's first token, and put
         the rows that go on beside the running ones."""
-        running = self.caches()
-        idx, valid = left_pad([row.ids for row in rows], self.device)
-        self.gpt.setup_cache(len(rows), idx.size(1))
-        logits = self.gpt.next_logits(idx, 0, valid)
-        prefilled = self.caches()
-        for block, cache in zip(self.gpt.h, running):
-            block.attn.kv_cache = cache
+        logits, prefilled, valid = prefill_apart(self.gpt, [row.ids for row in rows], self.device)
         picks = [row.pick(logits[i:i + 1]) for i, row in enumerate(rows)]
         going_on = [i for i, (row, token) in enumerate(zip(rows, picks)) if not row.add(token)]
         if going_on:

@@ -114,40 +114,171 @@ def until_eot(row):
     return row[:row.index(EOT)] if EOT in row else row
 
 
-ANSWER_KV_BYTES = 1 << 30  # answer batches: as many rows as a KV cache of this size holds, at most 32
+def prefill_apart(model, prompts, device):
+    """Prefill prompts (lists of ids) as a left-padded batch in KV caches of their own, the model's own caches left
+    as they were: (the logits of each prompt's next token, the new caches (one a layer), valid). How rows join a
+    running batch (answer() here, batching.Engine for serve.py)."""
+    running = [block.attn.kv_cache for block in model.h]
+    idx, valid = left_pad(prompts, device)
+    model.setup_cache(len(prompts), idx.size(1))
+    try:
+        return model.next_logits(idx, 0, valid), [block.attn.kv_cache for block in model.h], valid
+    finally:
+        for block, cache in zip(model.h, running):
+            block.attn.kv_cache = cache
+
+
+ANSWER_KV_BYTES = 2 << 30  # answer(): as many rows as a KV cache of this size holds, at most 32
+
+
+def answer_cache_length(model, longest, max_new_tokens):
+    """Columns of answer()'s KV cache: the longest prompt and its answer, and as much again for the answers of rows
+    that join while others run (the whole context when the decode step is compiled: it has one cache size)."""
+    c = model.config
+    if getattr(model, "decode_step", None):
+        return c.block_size
+    return min(c.block_size, longest + 2 * max_new_tokens)
 
 
 def answer_batch_size(model, longest, max_new_tokens, most=32):
-    """Rows per answer batch for prompts of up to `longest` tokens. A decode step reads every weight once however
-    many rows it has, so rows are nearly free until the arithmetic catches up (gpt2, 64 answers of 64 tokens on
-    2 CPU cores: 19.0 s in batches of 8, 8.4 s in batches of 32); the KV cache, which grows with them, bounds them."""
+    """Rows answer() decodes together for prompts of up to `longest` tokens. A decode step reads every weight once
+    however many rows it has, so rows are nearly free until the arithmetic catches up (gpt2, 64 answers of 64 tokens
+    on 2 CPU cores: 19.0 s in batches of 8, 8.4 s in batches of 32); the KV cache, which grows with them, bounds them."""
     c = model.config
-    length = c.block_size if getattr(model, "decode_step", None) else min(c.block_size, longest + max_new_tokens)
-    per_row = 2 * c.n_layer * length * c.n_embd * model.wte.weight.element_size()
+    per_row = 2 * c.n_layer * answer_cache_length(model, longest, max_new_tokens) * c.n_embd * model.wte.weight.element_size()
     return max(1, min(most, ANSWER_KV_BYTES // per_row))
 
 
 @torch.no_grad()
 def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answers", progress=None):
-    """Greedy answers (token lists, without the end-of-text) to prompts (token lists), in their order. Prompts of
-    similar length are batched together (batch_size rows; by default answer_batch_size's), left-padded (a
-    batch's greedy outputs equal each prompt's alone), and a batch ends as soon as all its answers have. ctx: an
-    autocast context, if any. Long work shows progress (progress: the caller's Progress instead of one of its own)."""
+    """Greedy answers (token lists, without the end-of-text) to prompts (token lists), in their order: each what the
+    prompt gets alone. batch_size rows (by default answer_batch_size's) decode together, and the moment one answer
+    ends the next prompt takes its row (continuous batching), so one long answer never holds the others back. ctx:
+    an autocast context, if any. Long work shows progress (progress: the caller's Progress instead of its own)."""
     was_training = model.training
     model.eval()
-    batch_size = batch_size or answer_batch_size(model, max(map(len, prompts), default=1), max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding, and similar answers
-    answers, progress = [None] * len(prompts), progress or Progress(what, len(prompts), "prompts")
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        idx, valid = left_pad([list(prompts[i][-(model.config.block_size - 1):]) for i in batch], model.wte.weight.device)
+    prompts = [list(p[-(model.config.block_size - 1):]) or [EOT] for p in prompts]  # empty: start from <|endoftext|>
+    longest = max(map(len, prompts), default=1)
+    answers, progress = [[] for _ in prompts], progress or Progress(what, len(prompts), "prompts")
+    if prompts and max_new_tokens > 0:
+        rows = batch_size or answer_batch_size(model, longest, max_new_tokens)
         with ctx or nullcontext():
-            out = model.generate(idx, max_new_tokens, temperature=0, eos_id=EOT, valid=valid)
-        for i, row in zip(batch, out[:, idx.size(1):].tolist()):
-            answers[i] = until_eot(row)
-        progress.update(len(batch))
+            for i, ids in Answering(model, prompts, max_new_tokens, rows, answer_cache_length(model, longest,
+                                                                                              max_new_tokens)).run():
+                answers[i] = ids
+                progress.update()
     model.train(was_training)
     return answers
+
+
+class Answering:
+    """answer()'s rows on one KV cache. Every row's tokens end at the same column, col, so a step feeds every row's
+    pending token through the model together, each row's padding masked (valid). When a row's answer ends, the next
+    prompts are prefilled as a batch of their own and their keys and values are written into free rows, just left
+    of col: prompts join longest first, so each fits there. When a joining answer would run past the cache's end,
+    the columns left of every row's first are cut off (one copy of the cache). (batching.Engine, for serve.py's
+    requests, which come at any time, copies the cache to line rows up instead; here every prompt is known first.)"""
+
+    def __init__(self, model, prompts, max_new_tokens, rows, length):
+        self.model, self.prompts, self.length, self.device = model, prompts, length, model.wte.weight.device
+        self.max_new = [min(max_new_tokens, model.config.block_size - len(p)) for p in prompts]
+        self.waiting = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # longest last: popped first
+        self.slot, self.first, self.out, self.next = [None] * rows, [0] * rows, [[] for _ in range(rows)], [EOT] * rows
+        self.valid = torch.zeros(rows, length, dtype=torch.bool, device=self.device)
+        self.col = 0
+
+    def live(self):
+        return [r for r, i in enumerate(self.slot) if i is not None]
+
+    def caches(self):
+        return [block.attn.kv_cache for block in self.model.h]
+
+    def run(self):
+        """Yield (prompt index, answer) as each answer ends."""
+        self.model.setup_cache(len(self.slot), self.length)
+        try:
+            while self.waiting or self.live():
+                yield from self.fill()
+                if self.live():
+                    yield from self.step()
+        finally:
+            self.model.clear_cache()
+
+    def fill(self):
+        """Waiting prompts into the free rows, as many as have room for their answers."""
+        free = [r for r, i in enumerate(self.slot) if i is None]
+        if not free or not self.waiting:
+            return []
+        if len(free) == len(self.slot):  # nothing in the cache is needed any more: start at the next prompt's end
+            self.col = len(self.prompts[self.waiting[-1]])
+        elif self.col + self.max_new[self.waiting[-1]] > self.length:
+            self.compact()
+        joining = []
+        while self.waiting and len(joining) < len(free) and self.col + self.max_new[self.waiting[-1]] <= self.length:
+            joining.append(self.waiting.pop())
+        return self.join(joining, free) if joining else []
+
+    def join(self, joining, free):
+        """Prefill the joining prompts as a left-padded batch in caches of their own, write each one's keys and
+        values into a free row, ending at col, and take each one's first token."""
+        logits, prefilled, valid = prefill_apart(self.model, [self.prompts[i] for i in joining], self.device)
+        firsts, ended, width = logits.argmax(dim=-1).tolist(), [], valid.size(1)
+        for j, (i, r) in enumerate(zip(joining, free)):
+            n = len(self.prompts[i])
+            for cache, new in zip(self.caches(), prefilled):
+                cache.k[r, :, self.col - n:self.col] = new.k[j, :, width - n:width]
+                cache.v[r, :, self.col - n:self.col] = new.v[j, :, width - n:width]
+            self.valid[r] = False
+            self.valid[r, self.col - n:self.col] = True
+            self.slot[r], self.first[r], self.out[r] = i, self.col - n, []
+            ended += self.take(r, firsts[j])
+        return ended
+
+    def step(self):
+        """One token for every row: the pending tokens go through the model together, at column col."""
+        live = self.live()
+        self.valid[live, self.col] = True
+        decode = self.model.decode_step or self.model.next_logits
+        logits = decode(torch.tensor(self.next, device=self.device)[:, None], self.col, self.valid[:, :self.col + 1])
+        self.col += 1
+        picks = logits.argmax(dim=-1).tolist()
+        ended = [done for r in live for done in self.take(r, picks[r])]
+        if not self.waiting and 0 < 2 * len(self.live()) <= len(self.slot):
+            self.keep(self.live())  # the last answers: fewer rows make a cheaper step
+        return ended
+
+    def take(self, r, token):
+        """Row r's new token: [(prompt index, answer)] if it ends the answer, else [] (the token is fed next)."""
+        i = self.slot[r]
+        if token != EOT:
+            self.out[r].append(token)
+        if token != EOT and len(self.out[r]) < self.max_new[i]:
+            self.next[r] = token
+            return []
+        self.slot[r] = None
+        self.valid[r] = False
+        return [(i, self.out[r])]
+
+    def compact(self):
+        """Cut off the columns left of the first one any row uses: col moves left by as many (a copy of the cache)."""
+        cut = min(self.first[r] for r in self.live())
+        if cut == 0:
+            return
+        for cache in self.caches():
+            for key in ("k", "v"):
+                t = getattr(cache, key)
+                setattr(cache, key, torch.cat([t[:, :, cut:], t.new_zeros(*t.shape[:2], cut, t.size(3))], dim=2))
+        self.valid = torch.cat([self.valid[:, cut:], self.valid.new_zeros(len(self.slot), cut)], dim=1)
+        self.col, self.first = self.col - cut, [f - cut for f in self.first]
+
+    def keep(self, rows):
+        """Only these rows stay in the cache (a copy of it)."""
+        index = torch.tensor(rows, device=self.device)
+        for cache in self.caches():
+            cache.k, cache.v = cache.k[index], cache.v[index]
+        self.valid = self.valid[index]
+        self.slot, self.first, self.out, self.next = ([x[r] for r in rows] for x in (self.slot, self.first, self.out,
+                                                                                      self.next))
 
 
 class Progress:

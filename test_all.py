@@ -46,7 +46,7 @@ from data import (ALPACA_TEMPLATE, IGNORE, Split, TextSplit, collate, format_pro
                   load_split, padding_fraction)
 from download import DownloadError
 from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template
-from generation import TextStream, answer, answer_batch_size
+from generation import TextStream, answer, answer_batch_size, until_eot
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
@@ -232,12 +232,32 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny):
     for row, p in zip(batch, prompts):
         alone = ours.generate(torch.tensor([p]), 20, temperature=0)[0]
         assert row[width - len(p):].tolist() == alone.tolist()
-    # answers (finetune's test answers, evaluate's) batch as many prompts as a 1 GB KV cache holds, up to 32
+    # answers (finetune's test answers, evaluate's) decode as many rows as a 2 GB KV cache holds, up to 32
     many = [list(range(1, 3 + i % 9)) for i in range(40)]
     assert answer(ours, many, 12) == answer(ours, many, 12, batch_size=1)
     with torch.device("meta"):
         medium = GPT(GPTConfig.from_name("gpt2-medium"))  # its KV cache: 196 KB a token a row in fp32
-    assert answer_batch_size(ours, 60, 256) == 32 and answer_batch_size(medium, 60, 256) == 17  # 1 GB / (316 x 196 KB)
+    # room for the prompt, its answer and the answers of rows joining later: 2 GB / ((60 + 2 x 256) x 196 KB)
+    assert answer_batch_size(ours, 60, 256) == 32 and answer_batch_size(medium, 60, 256) == 19
+
+
+def test_answers_of_different_lengths_are_each_what_the_prompt_gets_alone():
+    # continuous batching: when an answer ends, the next prompt takes its row (its keys and values written beside
+    # the others', the cache's unused columns cut off as it fills); a model made to end often at <|endoftext|>
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():
+        gpt.wte.weight[EOT] *= 4.0
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50257, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(40)]
+    prompts += [list(range(1, 60)), [7] * 62, []]  # near the 64-token context, and an empty one
+    alone = [until_eot(gpt.generate(torch.tensor([p or [EOT]]), 16, temperature=0)[0, len(p or [EOT]):].tolist())
+             for p in prompts]
+    assert len({len(a) for a in alone}) > 8 and sum(len(a) == 16 for a in alone) > 10  # short, long and cut ones
+    for rows in (1, 3, 8, 32):
+        assert answer(gpt, prompts, 16, batch_size=rows) == alone
+    assert answer(gpt, [[1, 2]], 0) == [[]] and answer(gpt, [], 16) == []
 
 
 def test_sampling_knobs(tiny):
