@@ -3580,10 +3580,13 @@ def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
     503, and the process exits 0."""
     reference_model(n_positions=1024).save_pretrained(tmp_path)  # room for 1,000 tokens: a stream to interrupt
     env = {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--model={tmp_path}", "--port=0", "--max_batch=1"],
-                            cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    log_path = tmp_path / "serve.log"  # a file, not a pipe: a pipe nobody reads until the end could fill and block
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "serve.py", f"--model={tmp_path}", "--port=0", "--max_batch=1"],
+                                cwd=HERE, env=env, stderr=log_file, text=True)
     try:
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stderr.readline()).group(1))
+        wait_until(lambda: "http://127.0.0.1:" in log_path.read_text() or proc.poll() is not None, timeout=120)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", log_path.read_text()).group(1))
         server = type("Address", (), {"server_address": ("127.0.0.1", port)})
         sock = open_stream(port, {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0})
         first = read_events(sock, until='"finish_reason": null')
@@ -3594,13 +3597,16 @@ def test_serve_stops_gracefully_on_ctrl_c(tmp_path):
         proc.send_signal(2)
         rest = read_events(sock)
         behind.join(30)
-        assert proc.wait(30) == 0
+        try:
+            assert proc.wait(30) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve.py did not exit within 30 s of Ctrl-C; its log ends:\n{log_path.read_text()[-3000:]}")
     finally:
         proc.kill()
     chunks = [json.loads(e) for e in first + rest[:-1]]
     assert rest[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert waiting[0][0] == 503 and "shutting down" in waiting[0][1]["error"]["message"]
-    log = proc.stderr.read()
+    log = log_path.read_text()
     assert "stopping: new requests are refused" in log and log.rstrip().endswith("stopped") and "Traceback" not in log
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
