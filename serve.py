@@ -460,6 +460,7 @@ def main(config):
     print(f"serving {server.model_name} at http://{host}:{port}/ (the chat page; the API at /v1"
           f"{', with the API key' if c.api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a plain kill stops gracefully too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where it started ignored (a background job)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
