@@ -149,10 +149,11 @@ def answer_cache_length(model, longest, max_new_tokens):
 
 def answer_batch_size(model, longest, max_new_tokens, most=32):
     """Rows answer() decodes together for prompts of up to `longest` tokens. A decode step reads every weight once
-    however many rows it has, so rows are nearly free until the arithmetic catches up (gpt2, 64 answers of 64 tokens
-    on 2 CPU cores: 19.0 s in batches of 8, 8.4 s in batches of 32); the KV cache, which grows with them, bounds them."""
-    c = model.config
-    per_row = 2 * c.n_layer * answer_cache_length(model, longest, max_new_tokens) * c.n_embd * model.wte.weight.element_size()
+    however many rows it has, so rows are nearly free until the arithmetic catches up (gpt2, 64 answers of 64
+    tokens on 2 CPU cores: 19.0 s in batches of 8, 8.4 s in batches of 32); the KV cache, growing with them, bounds
+    them."""
+    c, length = model.config, answer_cache_length(model, longest, max_new_tokens)
+    per_row = 2 * c.n_layer * length * c.n_embd * model.wte.weight.element_size()
     return max(1, min(most, ANSWER_KV_BYTES // per_row))
 
 
@@ -168,12 +169,14 @@ def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answ
     longest = max(map(len, prompts), default=1)
     answers, progress = [[] for _ in prompts], progress or Progress(what, len(prompts), "prompts")
     if prompts and max_new_tokens > 0:
-        rows = batch_size or answer_batch_size(model, longest, max_new_tokens)
+        rows, length = batch_size or answer_batch_size(model, longest, max_new_tokens), answer_cache_length(
+            model, longest, max_new_tokens)
         with ctx or nullcontext():
-            for i, ids in Answering(model, prompts, max_new_tokens, rows, answer_cache_length(model, longest,
-                                                                                              max_new_tokens)).run():
-                answers[i] = ids
-                progress.update()
+            answering = Answering(model, prompts, max_new_tokens, rows, length)
+            for ended in answering.run():
+                for i, ids in ended:
+                    answers[i] = ids
+                progress.update(len(ended), answering.partial())
     model.train(was_training)
     return answers
 
@@ -201,15 +204,18 @@ class Answering:
         return [block.attn.kv_cache for block in self.model.h]
 
     def run(self):
-        """Yield (prompt index, answer) as each answer ends."""
+        """Yield, after every step, the [(prompt index, answer)] that ended in it (often none)."""
         self.model.setup_cache(len(self.slot), self.length, cache_dtype(self.device))
         try:
             while self.waiting or self.live():
-                yield from self.fill()
-                if self.live():
-                    yield from self.step()
+                ended = self.fill()
+                yield ended + (self.step() if self.live() else [])
         finally:
             self.model.clear_cache()
+
+    def partial(self):
+        """How many answers' worth the rows being written have done: tokens so far over the most they may have."""
+        return sum(len(self.out[r]) / self.max_new[self.slot[r]] for r in self.live())
 
     def fill(self):
         """Waiting prompts into the free rows, as many as have room for their answers."""
@@ -297,17 +303,22 @@ class Progress:
         self.start = self.shown = time.time()
         self.printed, self.quiet = False, quiet
 
-    def update(self, n=1):
+    def update(self, n=1, partial=0.0):
+        """n more are done. partial: how many units' worth of the work in hand is done besides (answers being
+        written: tokens so far over the most they may have), which the percentage and the ETA count too, so that
+        work whose units all end late still shows how far it is."""
         self.done += n
         now, end = time.time(), self.done >= self.total
         if now - self.start < self.quiet and not (end and self.printed):
             return
         if not end and now - self.shown < (0.5 if self.tty else 5) and self.printed:
             return
-        elapsed = now - self.start
-        when = f"done in {clock(elapsed)}" if end else f"ETA {clock(elapsed * (self.total - self.done) / self.done)}"
+        elapsed, worth = now - self.start, self.done + (0 if end else partial)
+        if not (end or worth):
+            return
+        when = f"done in {clock(elapsed)}" if end else f"ETA {clock(elapsed * (self.total - worth) / worth)}"
         line = (f"{self.what}: {self.done}/{self.total}{' ' + self.unit if self.unit else ''} "
-                f"({100 * self.done / max(self.total, 1):.0f}%) | {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
+                f"({100 * worth / max(self.total, 1):.0f}%) | {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
         if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
             print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
         else:

@@ -46,7 +46,7 @@ from data import (ALPACA_TEMPLATE, IGNORE, Split, TextSplit, collate, format_pro
                   load_split, padding_fraction)
 from download import DownloadError
 from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template
-from generation import TextStream, answer, answer_batch_size, until_eot
+from generation import Progress, TextStream, answer, answer_batch_size, until_eot
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, filter_logits, sample_next
@@ -240,6 +240,17 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny):
     # room for the prompt, its answer and the answers of rows joining later: 2 GB / ((60 + 2 x 256) x 196 KB)
     assert answer_batch_size(ours, 60, 256) == 32 and answer_batch_size(medium, 60, 256) == 19
 
+
+def test_progress_of_answers_that_all_end_late_still_moves(capsys):
+    # rows that all run to max_new_tokens end together; until then the line counts the tokens written so far
+    progress = Progress("test answers", 4, "prompts", quiet=0)
+    progress.update(0, partial=0.0)  # nothing done at all: no line (and no ETA divided by zero)
+    progress.update(0, partial=1.0)  # four rows a quarter written
+    progress.shown = 0  # the next line is due at once
+    progress.update(4)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("test answers: 0/4 prompts (25%) |") and "ETA 0m0" in lines[0]
+    assert lines[1].startswith("test answers: 4/4 prompts (100%) |") and "done in" in lines[1]
 
 def test_answers_of_different_lengths_are_each_what_the_prompt_gets_alone():
     # continuous batching: when an answer ends, the next prompt takes its row (its keys and values written beside
