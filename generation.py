@@ -168,16 +168,18 @@ def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answ
     prompts = [list(p[-(model.config.block_size - 1):]) or [EOT] for p in prompts]  # empty: start from <|endoftext|>
     longest = max(map(len, prompts), default=1)
     answers, progress = [[] for _ in prompts], progress or Progress(what, len(prompts), "prompts")
-    if prompts and max_new_tokens > 0:
-        rows, length = batch_size or answer_batch_size(model, longest, max_new_tokens), answer_cache_length(
-            model, longest, max_new_tokens)
-        with ctx or nullcontext():
-            answering = Answering(model, prompts, max_new_tokens, rows, length)
-            for ended in answering.run():
-                for i, ids in ended:
-                    answers[i] = ids
-                progress.update(len(ended), answering.partial())
-    model.train(was_training)
+    try:
+        if prompts and max_new_tokens > 0:
+            rows = batch_size or answer_batch_size(model, longest, max_new_tokens)
+            answering = Answering(model, prompts, max_new_tokens, rows, answer_cache_length(model, longest,
+                                                                                           max_new_tokens))
+            with ctx or nullcontext():
+                for ended in answering.run():
+                    for i, ids in ended:
+                        answers[i] = ids
+                    progress.update(len(ended), answering.partial())
+    finally:  # an error (or Ctrl-C) leaves the model as it found it
+        model.train(was_training)
     return answers
 
 
@@ -318,7 +320,8 @@ class Progress:
             return
         when = f"done in {clock(elapsed)}" if end else f"ETA {clock(elapsed * (self.total - worth) / worth)}"
         line = (f"{self.what}: {self.done}/{self.total}{' ' + self.unit if self.unit else ''} "
-                f"({100 * worth / max(self.total, 1):.0f}%) | {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
+                f"({100 * worth / max(self.total, 1) if end else min(99, 100 * worth / self.total):.0f}%) | "
+                f"{self.done / max(elapsed, 1e-9):.2f}/s | {when}")
         if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
             print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
         else:

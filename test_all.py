@@ -270,6 +270,14 @@ def test_answers_of_different_lengths_are_each_what_the_prompt_gets_alone():
         assert answer(gpt, prompts, 16, batch_size=rows) == alone
     assert answer(gpt, [[1, 2]], 0) == [[]] and answer(gpt, [], 16) == []
 
+    class Interrupted(Progress):  # Ctrl-C (or any error) half-way: the model is left as it was found
+        def update(self, n=1, partial=0.0):
+            raise KeyboardInterrupt
+    gpt.train()
+    with pytest.raises(KeyboardInterrupt):
+        answer(gpt, prompts, 16, progress=Interrupted("answers", len(prompts)))
+    assert gpt.training and all(block.attn.kv_cache is None for block in gpt.h)
+
 
 def test_sampling_knobs(tiny):
     ours = load(tiny[1])
