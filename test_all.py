@@ -3667,12 +3667,14 @@ def test_serve_stopping_closes_connections_kept_alive(tiny):
     sock.close()
 
 
-def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_path):
+def test_chat_page_streams_an_answer_in_a_headless_browser(api, tiny, enc, tmp_path, monkeypatch):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser (requirements-dev)")
     chromium = "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium): the chat page is not tested")
     ours = load(tiny[1])
+    step = api.engine.step  # a token every 20 ms, as a real model gives them: the tiny one's 24 came in 4 reads
+    monkeypatch.setattr(api.engine, "step", lambda: (time.sleep(0.02), step())[1])
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
