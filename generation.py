@@ -267,9 +267,9 @@ class Answering:
         i = self.slot[r]
         if token != EOT:
             self.out[r].append(token)
-        if token != EOT and len(self.out[r]) < self.max_new[i]:
-            self.next[r] = token
-            return []
+            if len(self.out[r]) < self.max_new[i]:
+                self.next[r] = token
+                return []
         self.slot[r] = None
         self.valid[r] = False
         return [(i, self.out[r])]
@@ -319,9 +319,9 @@ class Progress:
         if not (end or worth):
             return
         when = f"done in {clock(elapsed)}" if end else f"ETA {clock(elapsed * (self.total - worth) / worth)}"
+        percent = 100 * worth / max(self.total, 1) if end else min(99, 100 * worth / self.total)  # 100: only at the end
         line = (f"{self.what}: {self.done}/{self.total}{' ' + self.unit if self.unit else ''} "
-                f"({100 * worth / max(self.total, 1) if end else min(99, 100 * worth / self.total):.0f}%) | "
-                f"{self.done / max(elapsed, 1e-9):.2f}/s | {when}")
+                f"({percent:.0f}%) | {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
         if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
             print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
         else:
