@@ -114,20 +114,13 @@ def until_eot(row):
     return row[:row.index(EOT)] if EOT in row else row
 
 
-def cache_dtype(device):
-    """The dtype for a KV cache: autocast's where it is on (keys and values come out of the Linear in it, so keeping
-    them in float32 only makes attention cast the whole cache back at every step), else the weights' (None)."""
-    kind = torch.device(device).type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-
 def prefill_apart(model, prompts, device):
     """Prefill prompts (lists of ids) as a left-padded batch in KV caches of their own, the model's own caches left
     as they were: (the logits of each prompt's next token, the new caches (one a layer), valid). How rows join a
     running batch (answer() here, batching.Engine for serve.py)."""
     running = [block.attn.kv_cache for block in model.h]
     idx, valid = left_pad(prompts, device)
-    model.setup_cache(len(prompts), idx.size(1), cache_dtype(device))
+    model.setup_cache(len(prompts), idx.size(1))
     try:
         return model.next_logits(idx, 0, valid), [block.attn.kv_cache for block in model.h], valid
     finally:
@@ -207,7 +200,7 @@ class Answering:
 
     def run(self):
         """Yield, after every step, the [(prompt index, answer)] that ended in it (often none)."""
-        self.model.setup_cache(len(self.slot), self.length, cache_dtype(self.device))
+        self.model.setup_cache(len(self.slot), self.length)
         try:
             while self.waiting or self.live():
                 ended = self.fill()

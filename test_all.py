@@ -49,7 +49,7 @@ from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_t
 from generation import Progress, TextStream, answer, answer_batch_size, until_eot
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
-from model import GPT, GPTConfig, filter_logits, sample_next
+from model import GPT, GPTConfig, decode_attention, filter_logits, sample_next
 from prepare import prepare
 from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
 from checkpoints import RunLog, read_log, save_atomic
@@ -220,6 +220,34 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(tiny):
     steps = [prefill] + [ours(idx[:, t:t + 1], pos=t)[0] for t in range(10, 30)]
     ours.clear_cache()
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_decoding_under_bf16_autocast_keeps_attention_in_the_caches_float32(tiny):
+    # under autocast the Linears run in bf16, but a decode step's attention reads the cache in the weights' dtype
+    # (SDPA's CPU kernel reads bf16 slower than float32): the cache is never cast, and the steps stay as close to
+    # the float32 logits as a bf16 forward of the whole sequence is
+    ours = load(tiny[1])
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(6))
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[1, :5] = False  # a left-padded row
+    with torch.no_grad():
+        full = ours(idx, valid=valid)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_full = ours(idx, valid=valid)[0].float()
+            ours.setup_cache(2, 24)
+            steps = [ours(idx[:, :8], pos=0, valid=valid[:, :8])[0]]
+            steps += [ours(idx[:, t:t + 1], pos=t, valid=valid[:, :t + 1])[0] for t in range(8, 24)]
+    assert all(block.attn.kv_cache.k.dtype == block.attn.kv_cache.v.dtype == torch.float32 for block in ours.h)
+    ours.clear_cache()
+    decoded = torch.cat(steps, dim=1).float()
+    assert (decoded - full)[valid].abs().max() <= 1.5 * (bf16_full - full)[valid].abs().max()
+    assert (decoded - full)[valid].abs().max() > 0  # autocast did run the Linears in bf16
+    # the attention itself: in the cache's float32 under autocast, and what SDPA gives with the bool mask
+    q, k, v = (torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(n)) for n in (1, 10, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = decode_attention(q.bfloat16(), k, v, valid[:, None, None, :10])
+    ref = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k, v, attn_mask=valid[:, None, None, :10])
+    assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=1e-6)
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny):
