@@ -163,7 +163,7 @@ def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answ
     answers, progress = [[] for _ in prompts], progress or Progress(what, len(prompts), "prompts")
     try:
         if prompts and max_new_tokens > 0:
-            rows = batch_size or answer_batch_size(model, longest, max_new_tokens)
+            rows = min(batch_size or answer_batch_size(model, longest, max_new_tokens), len(prompts))
             answering = Answering(model, prompts, max_new_tokens, rows, answer_cache_length(model, longest,
                                                                                            max_new_tokens))
             with ctx or nullcontext():

@@ -51,7 +51,7 @@ from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, decode_attention, filter_logits, sample_next
 from prepare import prepare
-from quantize import Int8Linear, RowsLinear, quantize_int8, use_kernel
+from quantize import Int8Linear, RowsLinear, choose_decode_kernel, plain_linear, quantize_int8, use_kernel
 from checkpoints import RunLog, read_log, save_atomic
 from training import Run, evaluate_loss, lora_settings, make_optimizer, trainable_line
 from weights import read_safetensors, write_safetensors
@@ -2477,6 +2477,22 @@ def test_fast_decode_logits_equal_full_recompute(tiny):
         steps = [ours.next_logits(idx[:, :10], 0)] + [ours.next_logits(idx[:, t:t + 1], t) for t in range(10, 40)]
         ours.clear_cache()
     assert (torch.stack(steps, 1) - full[:, 9:]).abs().max().item() <= 1e-5
+
+
+def test_decode_kernel_is_chosen_by_timing_steps_of_as_many_rows_as_asked(tiny):
+    ours = load(tiny[1])
+    kernel, timings = choose_decode_kernel(ours, rows=5)
+    assert set(timings) == {"linear", "rows"} and all(0 < ms < float("inf") for ms in timings.values())
+    assert kernel == "linear" or timings[kernel] < 0.97 * timings["linear"]  # never slower than nn.Linear
+    assert isinstance(ours.lm_head, RowsLinear) == (kernel == "rows")
+    assert choose_decode_kernel(ours, rows=5) == (kernel, timings)  # measured once per process
+    # either kernel answers 5 rows at a time as plain nn.Linear does
+    prompts = [list(range(1, 3 + i % 7)) for i in range(9)]
+    answers = {}
+    for make in (plain_linear, RowsLinear):
+        use_kernel(ours, make)
+        answers[make] = answer(ours, prompts, 10, batch_size=5)
+    assert answers[plain_linear] == answers[RowsLinear]
 
 
 def test_int8_weights_stay_close_to_float32(tiny):
