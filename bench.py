@@ -5,6 +5,7 @@ Benchmarks, run by hand (none of them is a test). Pick one with --what:
     python bench.py --models="('gpt2',)" --new_tokens="(128,)" --settings="('fp32', 'int8+compile')"
     python bench.py --what=int8          # fp32 vs bf16 vs int8 generation: speed, memory, quality
     python bench.py --what=serve         # serve.py: 8 clients at once vs the same 8 requests one by one
+    python bench.py --what=answers --answers_model=out/instruction-data/ckpt.pt   # test answers, then and now
 
 Training and data preparation are measured by bench_train.py.
 
@@ -28,7 +29,7 @@ from model import GPT, PRESETS, GPTConfig
 from quantize import choose_decode_kernel, model_bytes, ready_for_generation
 
 # -----------------------------------------------------------------------------
-what = "generate"  # which benchmark: generate, int8, serve
+what = "generate"  # which benchmark: generate, int8, serve, answers
 models = ("gpt2", "gpt2-medium")  # GPT-2 configs
 prompt_len = 32  # tokens of the random prompt each generation starts from
 new_tokens = (128, 512)  # what=generate: new tokens per run, one row per value
@@ -43,6 +44,10 @@ serve_model = "gpt2"  # what=serve: the GPT-2 config served by serve.py (random-
 serve_clients = 8  # what=serve: clients sending at once, against the same requests sent one after another
 serve_tokens = 64  # what=serve: new tokens per request (greedy, after a prompt_len-token prompt)
 serve_rounds = 3  # what=serve: rounds of each, interleaved; latencies are counted over every request
+answers_model = "gpt2"  # what=answers: a GPT-2 config (random-init weights) or a model to load (finetune's ckpt.pt)
+answers_data = "data/instruction-data"  # what=answers: a prepare.py dataset folder; its test prompts are answered
+answers_tokens = 256  # what=answers: the most new tokens of an answer (finetune.py's and evaluate.py's default)
+answers_precisions = ("fp32", "bf16")  # what=answers: fp32 as evaluate.py runs, bf16 as finetune.py's autocast
 # -----------------------------------------------------------------------------
 
 
@@ -242,12 +247,70 @@ def bench_serve():
         print(f"  {name:<20} {rate:>7.1f} {rate / base:>12.2f}x {cuts[9]:>11.2f}s {cuts[18]:>11.2f}s")
 
 
+def bench_answers():
+    """The test split's greedy answers (finetune.py's test_responses.json, evaluate.py's answers) made as now:
+    generation.answer, rows refilled as answers end (evaluate.py's float32 decode kernel chosen for its rows), and
+    as the first round made them: batches of 8 prompts in file order, each run until its longest answer ends,
+    through model.generate. The same model and prompts, today's model.py and float32 decode kernel (measured for
+    8 rows, then for answer()'s), one after the other. Under autocast the Linears are plain F.linear's."""
+    from contextlib import nullcontext
+    from data import EOT, Split
+    from generation import answer, answer_batch_size, left_pad, until_eot
+    from load_gpt2 import load_model
+    from configurator import fail
+    from download import DownloadError
+    torch.manual_seed(seed)
+    try:
+        gpt = GPT(GPTConfig.from_name(answers_model)) if answers_model in PRESETS else load_model(answers_model)[0]
+        split = Split(answers_data, "test")
+    except (ValueError, OSError, DownloadError) as e:
+        fail(f"what=answers: {e}")
+    gpt.eval()
+    prompts = [split.prompt(i)[-(gpt.config.block_size - 1):] for i in range(len(split))]
+
+    def first_round(ctx):
+        choose_decode_kernel(gpt, 8)  # the first round split float32 Linears' rows too (its RowsLinear)
+        answers = []
+        for i in range(0, len(prompts), 8):
+            idx, valid = left_pad(prompts[i:i + 8], "cpu")
+            with ctx:
+                out = gpt.generate(idx, answers_tokens, temperature=0, eos_id=EOT, valid=valid)
+            answers += [until_eot(row) for row in out[:, idx.size(1):].tolist()]
+        return answers
+
+    def now(ctx):
+        if isinstance(ctx, nullcontext):  # evaluate.py's float32 answers
+            rows = min(answer_batch_size(gpt, max(map(len, prompts)), answers_tokens), len(prompts))
+            kernel, timings = choose_decode_kernel(gpt, rows)
+            print(f"  (fp32 now: decode kernel '{kernel}', chosen by timing a step of {rows} rows with each: "
+                  f"{', '.join(f'{k} {ms:.1f} ms' for k, ms in timings.items())})")
+        return answer(gpt, prompts, answers_tokens, ctx)
+
+    print(f"answers: {answers_model} ({gpt.num_params() / 1e6:.0f}M), the {len(prompts)} test prompts of "
+          f"{answers_data}, at most {answers_tokens} greedy tokens; {torch.get_num_threads()} threads; {cpu_name()}")
+    with torch.no_grad():
+        answer(gpt, prompts[:4], 8)  # warm up: the first run in a process pays for allocating its memory
+    print(f"  {'precision':<10} {'first round':>11} {'now':>8} {'speed-up':>9}  answers: tokens, same")
+    for precision in answers_precisions:
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        seconds, answers = {}, {}
+        for name, run in (("first round", first_round), ("now", now)):
+            start = time.perf_counter()
+            with torch.no_grad():
+                answers[name] = run(amp)
+            seconds[name] = time.perf_counter() - start
+        same = sum(a == b for a, b in zip(answers["first round"], answers["now"]))
+        print(f"  {precision:<10} {seconds['first round']:>10.1f}s {seconds['now']:>7.1f}s "
+              f"{seconds['first round'] / seconds['now']:>8.2f}x  {sum(map(len, answers['now']))}, "
+              f"{same}/{len(prompts)} the same")
+
+
 if __name__ == "__main__":
     from configurator import configure, fail
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    benchmarks = {"generate": bench_generate, "int8": bench_int8, "serve": bench_serve}
+    benchmarks = {"generate": bench_generate, "int8": bench_int8, "serve": bench_serve, "answers": bench_answers}
     if what not in benchmarks:
         fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
     benchmarks[what]()

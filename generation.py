@@ -249,7 +249,7 @@ class Answering:
         decode = self.model.decode_step or self.model.next_logits
         logits = decode(torch.tensor(self.next, device=self.device)[:, None], self.col, self.valid[:, :self.col + 1])
         self.col += 1
-        picks = logits.argmax(dim=-1).tolist()
+        picks = logits.float().argmax(dim=-1).tolist()  # the same picks; on the CPU 2x faster than bf16's argmax
         ended = [done for r in live for done in self.take(r, picks[r])]
         if not self.waiting and 0 < 2 * len(self.live()) <= len(self.slot):
             self.keep(self.live())  # the last answers: fewer rows make a cheaper step

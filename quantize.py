@@ -125,8 +125,8 @@ def choose_decode_kernel(gpt, rows=1, steps=6):
     steps of `rows` rows with each, interleaved, the best step of each counted) and use it. Only float32 on the
     CPU has a choice. Returns (name, {name: ms per step}); the measurement is kept for the rest of the process."""
     weight = gpt.wte.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return "linear", {}
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or rows > RowsLinear.max_rows:
+        return "linear", {}  # (more rows than RowsLinear takes: it runs F.linear itself)
     c = gpt.config
     key = (c.n_layer, c.n_embd, c.vocab_size, torch.get_num_threads(), rows)
     if key not in chosen:

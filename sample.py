@@ -172,7 +172,8 @@ def main(config):
         enc = tokenizer()
     except (DownloadError, ValueError, OSError) as e:
         fail(str(e))
-    ready_for_generation(gpt, c.quantize, c.compile)
+    lines = ([line for line in text.splitlines() if line.strip()] or [""]) if c.batch else [text]
+    ready_for_generation(gpt, c.quantize, c.compile, rows=len(lines))  # the kernel for a step of this many rows
     template = template_of(c.template, info["template"])
     if c.input and template is None:
         warn("input= is only used with a prompt template; this model has none (see template=)")
@@ -186,7 +187,6 @@ def main(config):
         if c.compile:
             warm_up(gpt, 1, False)
         return chat_loop(gpt, enc, template, stops, generator, **sampling)
-    lines = ([line for line in text.splitlines() if line.strip()] or [""]) if c.batch else [text]
     prompts = [apply_template(line, template, c.input) for line in lines]
     ids = [fit_context(enc.encode_ordinary(p) or [EOT], gpt.config.block_size, c.max_new_tokens) for p in prompts]
     room = gpt.config.block_size - max(map(len, ids))

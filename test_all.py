@@ -3147,6 +3147,24 @@ def eval_run(tmp_path_factory, server):
     return run
 
 
+def test_bench_times_the_first_rounds_test_answers_against_todays_and_compares_them(eval_run):
+    # bench.py --what=answers: batches of 8 in file order through model.generate, and answer()'s rows refilled
+    # as answers end; greedy, so in float32 the two give the same answers
+    def bench(*args):
+        return subprocess.run([sys.executable, str(HERE / "bench.py"), "--what=answers", *args], cwd=eval_run.root,
+                              capture_output=True, text=True, timeout=300)
+    data = eval_run.root / "data" / "colors"
+    result = bench(f"--answers_model={eval_run.root / 'tiny'}", f"--answers_data={data}", "--answers_tokens=6")
+    assert result.returncode == 0, result.stderr
+    n = len(load_records(data, "test"))
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  fp32 ") or
+            line.startswith("  bf16 ")}
+    assert set(rows) == {"fp32", "bf16"} and rows["fp32"].endswith(f"{n}/{n} the same"), result.stdout
+    result = bench(f"--answers_model={eval_run.root / 'tiny'}", "--answers_data=nowhere")
+    assert result.returncode != 0 and "nowhere is not a prepared dataset" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
 def evaluate_here(eval_run, monkeypatch, capsys, *args, **env):
     """evaluate.py's main run in this process, as its command line runs it, in eval_run's folder: (exit status,
     stdout, stderr). Quicker than a new process, which spends seconds importing torch."""
