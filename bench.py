@@ -5,7 +5,7 @@ Benchmarks, run by hand (none of them is a test). Pick one with --what:
     python bench.py --models="('gpt2',)" --new_tokens="(128,)" --settings="('fp32', 'int8+compile')"
     python bench.py --what=int8          # fp32 vs bf16 vs int8 generation: speed, memory, quality
     python bench.py --what=serve         # serve.py: 8 clients at once vs the same 8 requests one by one
-    python bench.py --what=answers --answers_model=out/instruction-data/ckpt.pt   # test answers, then and now
+    python bench.py --what=eval --eval_model=out/instruction-data/ckpt.pt   # val/test loss, answers: then and now
 
 Training and data preparation are measured by bench_train.py.
 
@@ -29,7 +29,7 @@ from model import GPT, PRESETS, GPTConfig
 from quantize import choose_decode_kernel, model_bytes, ready_for_generation
 
 # -----------------------------------------------------------------------------
-what = "generate"  # which benchmark: generate, int8, serve, answers
+what = "generate"  # which benchmark: generate, int8, serve, eval
 models = ("gpt2", "gpt2-medium")  # GPT-2 configs
 prompt_len = 32  # tokens of the random prompt each generation starts from
 new_tokens = (128, 512)  # what=generate: new tokens per run, one row per value
@@ -44,10 +44,11 @@ serve_model = "gpt2"  # what=serve: the GPT-2 config served by serve.py (random-
 serve_clients = 8  # what=serve: clients sending at once, against the same requests sent one after another
 serve_tokens = 64  # what=serve: new tokens per request (greedy, after a prompt_len-token prompt)
 serve_rounds = 3  # what=serve: rounds of each, interleaved; latencies are counted over every request
-answers_model = "gpt2"  # what=answers: a GPT-2 config (random-init weights) or a model to load (finetune's ckpt.pt)
-answers_data = "data/instruction-data"  # what=answers: a prepare.py dataset folder; its test prompts are answered
-answers_tokens = 256  # what=answers: the most new tokens of an answer (finetune.py's and evaluate.py's default)
-answers_precisions = ("fp32", "bf16")  # what=answers: fp32 as evaluate.py runs, bf16 as finetune.py's autocast
+eval_model = "gpt2"  # what=eval: a GPT-2 config (random-init weights) or a model to load (finetune.py's ckpt.pt)
+eval_data = "data/instruction-data"  # what=eval: a prepare.py instruction dataset folder (its val and test splits)
+eval_tokens = 256  # what=eval: the most new tokens of an answer (finetune.py's and evaluate.py's default)
+eval_precisions = ("fp32", "bf16")  # what=eval: fp32 as evaluate.py runs on the CPU, bf16 as finetune.py's autocast
+eval_loss_runs = 3  # what=eval: runs of each loss, interleaved, the fastest counts (the answers run once each)
 # -----------------------------------------------------------------------------
 
 
@@ -247,62 +248,88 @@ def bench_serve():
         print(f"  {name:<20} {rate:>7.1f} {rate / base:>12.2f}x {cuts[9]:>11.2f}s {cuts[18]:>11.2f}s")
 
 
-def bench_answers():
-    """The test split's greedy answers (finetune.py's test_responses.json, evaluate.py's answers) made as now:
-    generation.answer, rows refilled as answers end (evaluate.py's float32 decode kernel chosen for its rows), and
-    as the first round made them: batches of 8 prompts in file order, each run until its longest answer ends,
-    through model.generate. The same model and prompts, today's model.py and float32 decode kernel (measured for
-    8 rows, then for answer()'s), one after the other. Under autocast the Linears are plain F.linear's."""
+def bench_eval():
+    """finetune.py's evaluation of an instruction dataset on one model, as it runs now and as the first round ran
+    it, one after the other, with today's model.py:
+    - val and test loss: now evaluate_loss (batches of similar length, the head only on the scored positions);
+      then batches of 8 in file order, the model's full logits (and the mean of per-batch means, printed beside);
+    - the test answers (test_responses.json; evaluate.py's answers): now generation.answer (rows refilled as
+      answers end; in float32 evaluate.py's decode kernel chosen for its rows); then batches of 8 prompts in file
+      order through model.generate, each batch run until its longest answer ends (the first round split float32
+      Linears' rows too: the kernel is chosen for 8 rows). Greedy both, so the answers are compared."""
     from contextlib import nullcontext
+    from configurator import fail
     from data import EOT, Split
+    from download import DownloadError
     from generation import answer, answer_batch_size, left_pad, until_eot
     from load_gpt2 import load_model
-    from configurator import fail
-    from download import DownloadError
+    from training import Run, evaluate_loss
+    if eval_tokens < 1 or eval_loss_runs < 1:
+        fail(f"eval_tokens={eval_tokens} and eval_loss_runs={eval_loss_runs} must both be at least 1")
     torch.manual_seed(seed)
     try:
-        gpt = GPT(GPTConfig.from_name(answers_model)) if answers_model in PRESETS else load_model(answers_model)[0]
-        split = Split(answers_data, "test")
+        gpt = GPT(GPTConfig.from_name(eval_model)) if eval_model in PRESETS else load_model(eval_model)[0]
+        splits = {name: Split(eval_data, name) for name in ("val", "test")}
     except (ValueError, OSError, DownloadError) as e:
-        fail(f"what=answers: {e}")
+        fail(f"what=eval: {e}")
     gpt.eval()
-    prompts = [split.prompt(i)[-(gpt.config.block_size - 1):] for i in range(len(split))]
+    prompts = [splits["test"].prompt(i)[-(gpt.config.block_size - 1):] for i in range(len(splits["test"]))]
 
-    def first_round(ctx):
-        choose_decode_kernel(gpt, 8)  # the first round split float32 Linears' rows too (its RowsLinear)
+    def loss_then(split, amp):
+        losses = []
+        for i in range(0, len(split), 8):
+            x, y = split.batch(range(i, min(i + 8, len(split))), False, "cpu")
+            with amp:
+                losses.append(gpt(x, y)[1].item())
+        return sum(losses) / len(losses)
+
+    def answers_then(amp):
+        choose_decode_kernel(gpt, 8)
         answers = []
         for i in range(0, len(prompts), 8):
             idx, valid = left_pad(prompts[i:i + 8], "cpu")
-            with ctx:
-                out = gpt.generate(idx, answers_tokens, temperature=0, eos_id=EOT, valid=valid)
+            with amp:
+                out = gpt.generate(idx, eval_tokens, temperature=0, eos_id=EOT, valid=valid)
             answers += [until_eot(row) for row in out[:, idx.size(1):].tolist()]
         return answers
 
-    def now(ctx):
-        if isinstance(ctx, nullcontext):  # evaluate.py's float32 answers
-            rows = min(answer_batch_size(gpt, max(map(len, prompts)), answers_tokens), len(prompts))
+    def answers_now(amp):
+        if isinstance(amp, nullcontext):  # evaluate.py's float32 answers
+            rows = min(answer_batch_size(gpt, max(map(len, prompts)), eval_tokens), len(prompts))
             kernel, timings = choose_decode_kernel(gpt, rows)
-            print(f"  (fp32 now: decode kernel '{kernel}', chosen by timing a step of {rows} rows with each: "
-                  f"{', '.join(f'{k} {ms:.1f} ms' for k, ms in timings.items())})")
-        return answer(gpt, prompts, answers_tokens, ctx)
+            print(f"  (fp32 answers now: decode kernel '{kernel}', chosen by timing a step of {rows} rows with "
+                  f"each: {', '.join(f'{k} {ms:.1f} ms' for k, ms in timings.items())})")
+        return answer(gpt, prompts, eval_tokens, amp)
 
-    print(f"answers: {answers_model} ({gpt.num_params() / 1e6:.0f}M), the {len(prompts)} test prompts of "
-          f"{answers_data}, at most {answers_tokens} greedy tokens; {torch.get_num_threads()} threads; {cpu_name()}")
+    print(f"evaluation: {eval_model} ({gpt.num_params() / 1e6:.0f}M), {eval_data}: {len(splits['val'])} val and "
+          f"{len(prompts)} test examples, answers of at most {eval_tokens} greedy tokens; "
+          f"{torch.get_num_threads()} threads; {cpu_name()}; memory bandwidth {memory_bandwidth() / 1e9:.1f} GB/s")
     with torch.no_grad():
         answer(gpt, prompts[:4], 8)  # warm up: the first run in a process pays for allocating its memory
-    print(f"  {'precision':<10} {'first round':>11} {'now':>8} {'speed-up':>9}  answers: tokens, same")
-    for precision in answers_precisions:
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        seconds, answers = {}, {}
-        for name, run in (("first round", first_round), ("now", now)):
-            start = time.perf_counter()
-            with torch.no_grad():
-                answers[name] = run(amp)
-            seconds[name] = time.perf_counter() - start
-        same = sum(a == b for a, b in zip(answers["first round"], answers["now"]))
-        print(f"  {precision:<10} {seconds['first round']:>10.1f}s {seconds['now']:>7.1f}s "
-              f"{seconds['first round'] / seconds['now']:>8.2f}x  {sum(map(len, answers['now']))}, "
-              f"{same}/{len(prompts)} the same")
+    print(f"  {'precision':<10} {'what':<13} {'first round':>11} {'now':>8} {'speed-up':>9}  "
+          f"results (first round; now)")
+    for precision in eval_precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        run = Run(0, 1, False, "cpu", dtype)
+        jobs = [(f"{name} loss", lambda split=split: loss_then(split, run.autocast),
+                 lambda split=split: evaluate_loss(gpt, split.eval_batches(8, 0, False), run))
+                for name, split in splits.items()]
+        jobs.append(("test answers", lambda: answers_then(run.autocast), lambda: answers_now(run.autocast)))
+        for what_, then, now in jobs:
+            seconds, results = [float("inf")] * 2, [None] * 2
+            for _ in range(eval_loss_runs if what_.endswith("loss") else 1):
+                for i, job in enumerate((then, now)):
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        results[i] = job()
+                    seconds[i] = min(seconds[i], time.perf_counter() - start)
+            if what_ == "test answers":
+                same = sum(a == b for a, b in zip(*results))
+                told = f"{sum(map(len, results[1]))} tokens, {same}/{len(prompts)} answers the same"
+            else:
+                told = f"{results[0]:.4f} (a mean of batch means); {results[1]:.4f} (per token)"
+            print(f"  {precision:<10} {what_:<13} {seconds[0]:>10.1f}s {seconds[1]:>7.1f}s "
+                  f"{seconds[0] / seconds[1]:>8.2f}x  {told}")
 
 
 if __name__ == "__main__":
@@ -310,7 +337,7 @@ if __name__ == "__main__":
     configure(globals())
     if threads:
         torch.set_num_threads(threads)
-    benchmarks = {"generate": bench_generate, "int8": bench_int8, "serve": bench_serve, "answers": bench_answers}
+    benchmarks = {"generate": bench_generate, "int8": bench_int8, "serve": bench_serve, "eval": bench_eval}
     if what not in benchmarks:
         fail(f"what='{what}' is not a benchmark: choose one of {', '.join(benchmarks)}")
     benchmarks[what]()

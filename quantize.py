@@ -82,9 +82,9 @@ class RowsLinear(nn.Linear):
 
     Decoding reads every weight once per token, so it is bound by memory bandwidth. Some BLAS libraries multiply
     a single row by a matrix on one core (MKL on a 2-core AMD EPYC: ~12 GB/s where the memory gives ~40); cut into
-    slices, the weights are read by every core, ~2x faster there. A few rows fare little better there (8 rows x
-    gpt2's lm_head: 24.9 ms with F.linear, 14.0 in slices; 32 rows: 41.6 and 24.4). On other CPUs it is slower
-    than plain F.linear, which is why choose_decode_kernel measures before it keeps it.
+    slices, the weights are read by every core, ~2x faster there. Its products of a few rows are slow there too
+    (gpt2's lm_head on 8 rows: 24.9 ms with F.linear, 14.0 in slices; on 32 rows: 41.6 and 24.4). On other CPUs
+    it is slower than plain F.linear, which is why choose_decode_kernel measures before it keeps it.
     """
     max_rows = 32  # more rows (a prefill) have enough work for the BLAS's own threading
 
@@ -104,7 +104,8 @@ class RowsLinear(nn.Linear):
         if rows.size(0) == 1:  # each slice times the row: (splits, out / splits, 1)
             y = torch.bmm(w, rows.t().expand(self.splits, -1, -1)).view(1, -1)
         else:  # the rows times each slice: (splits, rows, out / splits), 1.4-1.8x faster from 2 rows on (EPYC)
-            y = torch.bmm(rows.expand(self.splits, -1, -1), w.transpose(1, 2)).transpose(0, 1).reshape(rows.size(0), -1)
+            y = torch.bmm(rows.expand(self.splits, -1, -1), w.transpose(1, 2))
+            y = y.transpose(0, 1).reshape(rows.size(0), -1)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 

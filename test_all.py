@@ -243,10 +243,12 @@ def test_kv_cache_decoding_under_bf16_autocast_keeps_attention_in_the_caches_flo
     assert (decoded - full)[valid].abs().max() <= 1.5 * (bf16_full - full)[valid].abs().max()
     assert (decoded - full)[valid].abs().max() > 0  # autocast did run the Linears in bf16
     # the attention itself: in the cache's float32 under autocast, and what SDPA gives with the bool mask
-    q, k, v = (torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(n)) for n in (1, 10, 10))
+    q, k, v = (torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(seed))
+               for n, seed in ((1, 0), (10, 1), (10, 2)))
+    mask = valid[:, None, None, :10]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = decode_attention(q.bfloat16(), k, v, valid[:, None, None, :10])
-    ref = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k, v, attn_mask=valid[:, None, None, :10])
+        y = decode_attention(q.bfloat16(), k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k, v, attn_mask=mask)
     assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=1e-6)
 
 
@@ -3147,20 +3149,25 @@ def eval_run(tmp_path_factory, server):
     return run
 
 
-def test_bench_times_the_first_rounds_test_answers_against_todays_and_compares_them(eval_run):
-    # bench.py --what=answers: batches of 8 in file order through model.generate, and answer()'s rows refilled
-    # as answers end; greedy, so in float32 the two give the same answers
+def test_bench_times_the_first_rounds_evaluation_against_todays_and_compares_results(eval_run):
+    # bench.py --what=eval: val and test loss, and the test answers, as the first round made them and as now;
+    # greedy answers, so in float32 the two ways give the same ones
     def bench(*args):
-        return subprocess.run([sys.executable, str(HERE / "bench.py"), "--what=answers", *args], cwd=eval_run.root,
+        return subprocess.run([sys.executable, str(HERE / "bench.py"), "--what=eval", *args], cwd=eval_run.root,
                               capture_output=True, text=True, timeout=300)
     data = eval_run.root / "data" / "colors"
-    result = bench(f"--answers_model={eval_run.root / 'tiny'}", f"--answers_data={data}", "--answers_tokens=6")
+    result = bench(f"--eval_model={eval_run.root / 'tiny'}", f"--eval_data={data}", "--eval_tokens=6")
     assert result.returncode == 0, result.stderr
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in result.stdout.splitlines()
+            if line.startswith(("  fp32 ", "  bf16 "))}
+    assert set(rows) == {(p, split, what) for p in ("fp32", "bf16") for split, what in
+                         (("val", "loss"), ("test", "loss"), ("test", "answers"))}, result.stdout
     n = len(load_records(data, "test"))
-    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  fp32 ") or
-            line.startswith("  bf16 ")}
-    assert set(rows) == {"fp32", "bf16"} and rows["fp32"].endswith(f"{n}/{n} the same"), result.stdout
-    result = bench(f"--answers_model={eval_run.root / 'tiny'}", "--answers_data=nowhere")
+    assert " ".join(rows["fp32", "test", "answers"]).endswith(f"{n}/{n} answers the same")
+    for p, split in (("fp32", "val"), ("fp32", "test"), ("bf16", "val"), ("bf16", "test")):
+        batch_means, per_token = float(rows[p, split, "loss"][3]), float(rows[p, split, "loss"][9])
+        assert 0 < per_token < 20 and abs(batch_means - per_token) < 0.1 * per_token  # two means of one loss
+    result = bench(f"--eval_model={eval_run.root / 'tiny'}", "--eval_data=nowhere")
     assert result.returncode != 0 and "nowhere is not a prepared dataset" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 

@@ -303,12 +303,12 @@ def evaluate_loss(model, batches, run, what="loss"):
     model.eval()
     total = torch.zeros(2, device=run.device, dtype=torch.float64)  # loss summed over tokens, tokens
     progress = Progress(what, len(batches), "batches") if run.master and hasattr(batches, "__len__") else None
-    for x, y in batches:
-        with run.autocast:
+    with run.autocast:  # one context for every batch: it casts each trainable weight to bf16 once, not per batch
+        for x, y in batches:
             loss, n = summed_loss(model, x, y)
-        total += torch.tensor([loss, n], dtype=torch.float64, device=run.device)
-        if progress:
-            progress.update()
+            total += torch.tensor([loss, n], dtype=torch.float64, device=run.device)
+            if progress:
+                progress.update()
     if run.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
