@@ -26,7 +26,7 @@ import torch
 from generation import cpu_name
 from load_gpt2 import build, config_from_hf, hf_to_ours
 from model import GPT, PRESETS, GPTConfig
-from quantize import choose_decode_kernel, model_bytes, ready_for_generation
+from quantize import choose_decode_kernel, kernel_line, model_bytes, ready_for_generation
 
 # -----------------------------------------------------------------------------
 what = "generate"  # which benchmark: generate, int8, serve, eval
@@ -118,9 +118,7 @@ def bench_generate():
             if setting.endswith("+compile"):
                 print(f"({name} {setting}: ready in {time.perf_counter() - start:.0f} s, compiling included)")
             if setting.startswith("fp32"):  # measured once per process and model shape: the same choice here
-                kernel, timings = choose_decode_kernel(ours[setting])
-                print(f"({name} {setting}: float32 decode kernel '{kernel}', chosen by timing a decode step with "
-                      f"each: {', '.join(f'{k} {ms:.1f} ms' for k, ms in timings.items())})")
+                print(f"({name} {setting}: {kernel_line(*choose_decode_kernel(ours[setting]))})")
         prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
         runs = {"transformers": lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                                       use_cache=True, max_new_tokens=n, min_new_tokens=n,
@@ -261,7 +259,7 @@ def bench_eval():
     from configurator import fail
     from data import EOT, Split
     from download import DownloadError
-    from generation import answer, answer_batch_size, left_pad, until_eot
+    from generation import answer, answer_rows, left_pad, until_eot
     from load_gpt2 import load_model
     from training import Run, evaluate_loss
     if eval_tokens < 1 or eval_loss_runs < 1:
@@ -295,10 +293,8 @@ def bench_eval():
 
     def answers_now(amp):
         if isinstance(amp, nullcontext):  # evaluate.py's float32 answers
-            rows = min(answer_batch_size(gpt, max(map(len, prompts)), eval_tokens), len(prompts))
-            kernel, timings = choose_decode_kernel(gpt, rows)
-            print(f"  (fp32 answers now: decode kernel '{kernel}', chosen by timing a step of {rows} rows with "
-                  f"each: {', '.join(f'{k} {ms:.1f} ms' for k, ms in timings.items())})")
+            rows = answer_rows(gpt, prompts, eval_tokens)
+            print(f"  (fp32 answers now: {kernel_line(*choose_decode_kernel(gpt, rows), rows)})")
         return answer(gpt, prompts, eval_tokens, amp)
 
     print(f"evaluation: {eval_model} ({gpt.num_params() / 1e6:.0f}M), {eval_data}: {len(splits['val'])} val and "

@@ -29,13 +29,13 @@ import hellaswag as hs
 from configurator import checked, configure, fail
 from data import Split, collate, load_records, tokenizer
 from download import DownloadError, sha256_of
-from generation import (Progress, answer, answer_batch_size, clock, cpu_name, pick_device, target_logprobs,
+from generation import (Progress, answer, answer_rows, clock, cpu_name, pick_device, target_logprobs,
                         weights_dtype)
 from judge import Cache, Judge, JudgeError, compare_answers, score_answers
 from load_gpt2 import cache_dir, load_model
 from metrics import answer_metrics, bootstrap_ci, mean_ci
 from prepare import prepare
-from quantize import choose_decode_kernel
+from quantize import choose_decode_kernel, kernel_line
 from weights import atomic_write
 
 # -----------------------------------------------------------------------------
@@ -153,11 +153,10 @@ def generate_answers(model, split, indices, max_new_tokens, progress):
     """Greedy answers (text) to the examples' prompts (generation.answer: rows decoded together, continuously
     refilled), in float32 on the CPU with the decode kernel measured fastest here for that many rows."""
     enc, prompts = tokenizer(), [split.prompt(i) for i in indices]
-    rows = max(1, min(answer_batch_size(model, max(map(len, prompts), default=1), max_new_tokens), len(prompts)))
+    rows = answer_rows(model, prompts, max_new_tokens)
     kernel, timings = choose_decode_kernel(model, rows)
     if timings:
-        print(f"float32 decode kernel '{kernel}', chosen by timing a step of {rows} rows with each: "
-              f"{', '.join(f'{k} {ms:.1f} ms' for k, ms in timings.items())}", file=sys.stderr)
+        print(kernel_line(kernel, timings, rows), file=sys.stderr)
     answers = answer(model, prompts, max_new_tokens, batch_size=rows, progress=progress)
     return [enc.decode(a).strip() for a in answers]
 

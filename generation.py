@@ -150,12 +150,20 @@ def answer_batch_size(model, longest, max_new_tokens, most=32):
     return max(1, min(most, ANSWER_KV_BYTES // per_row))
 
 
+def answer_rows(model, prompts, max_new_tokens, batch_size=None):
+    """The rows answer() decodes together for these prompts (lists of ids): batch_size, else answer_batch_size's
+    for the longest (as answer() cuts it to the context), never more than there are prompts (at least one)."""
+    longest = max((max(1, min(len(p), model.config.block_size - 1)) for p in prompts), default=1)
+    return max(1, min(batch_size or answer_batch_size(model, longest, max_new_tokens), len(prompts)))
+
+
 @torch.no_grad()
 def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answers", progress=None):
     """Greedy answers (token lists, without the end-of-text) to prompts (token lists), in their order: each what the
-    prompt gets alone. batch_size rows (by default answer_batch_size's) decode together, and the moment one answer
-    ends the next prompt takes its row (continuous batching), so one long answer never holds the others back. ctx:
-    an autocast context, if any. Long work shows progress (progress: the caller's Progress instead of its own)."""
+    prompt gets alone. answer_rows' rows (batch_size, or as many as memory allows) decode together, and the moment
+    one answer ends the next prompt takes its row (continuous batching), so one long answer never holds the others
+    back. ctx: an autocast context, if any. Long work shows progress (progress: the caller's Progress instead of
+    its own)."""
     was_training = model.training
     model.eval()
     prompts = [list(p[-(model.config.block_size - 1):]) or [EOT] for p in prompts]  # empty: start from <|endoftext|>
@@ -163,7 +171,7 @@ def answer(model, prompts, max_new_tokens, ctx=None, batch_size=None, what="answ
     answers, progress = [[] for _ in prompts], progress or Progress(what, len(prompts), "prompts")
     try:
         if prompts and max_new_tokens > 0:
-            rows = min(batch_size or answer_batch_size(model, longest, max_new_tokens), len(prompts))
+            rows = answer_rows(model, prompts, max_new_tokens, batch_size)
             answering = Answering(model, prompts, max_new_tokens, rows, answer_cache_length(model, longest,
                                                                                            max_new_tokens))
             with ctx or nullcontext():

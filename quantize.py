@@ -152,6 +152,12 @@ def choose_decode_kernel(gpt, rows=1, steps=6):
     return chosen[key]
 
 
+def kernel_line(kernel, timings, rows=1):
+    """choose_decode_kernel's choice and its timings, in words."""
+    return (f"float32 decode kernel '{kernel}', chosen by timing a decode step of {rows} row{'s' * (rows > 1)} with "
+            f"each: {', '.join(f'{name} {ms:.1f} ms' for name, ms in timings.items())}")
+
+
 def use_kernel(gpt, make):
     """Every float Linear of gpt computed by make(linear)'s kind; the weights stay the same tensors."""
     for kind in (nn.Linear, *(k for k in KERNELS.values() if isinstance(k, type))):
