@@ -178,6 +178,11 @@ def checked(config, problems):
     return SimpleNamespace(**config)
 
 
+def seed_problems(seed):
+    """[the problem] with a seed that numpy's and torch's generators would not both take, or []."""
+    return [] if 0 <= seed < 2 ** 63 else [f"seed={seed} must be a whole number from 0 to 2**63 - 1"]
+
+
 def given_keys(argv=None):
     """The settings named on the command line or in a config file there: what a resumed run was asked to
     change, as opposed to what it should take from its checkpoint."""

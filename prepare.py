@@ -380,7 +380,8 @@ def summarize(meta, seconds, folder):
 
 def check_settings(c):
     """Impossible values, found before anything is read or downloaded."""
-    problems = [] if 0 <= c["seed"] < 2 ** 63 else [f"seed={c['seed']} must be a whole number from 0 to 2**63 - 1"]
+    from configurator import seed_problems
+    problems = seed_problems(c["seed"])
     problems += [f"{k}={c[k]} must be at least 1" for k in ("max_length", "shard_tokens") if c[k] < 1]
     if not 0 < c["val_fraction"] < 1:
         problems.append(f"val_fraction={c['val_fraction']} must be between 0 and 1")

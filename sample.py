@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import checked, configure, fail
+from configurator import checked, configure, fail, seed_problems
 from data import EOT, tokenizer
 from download import DownloadError
 from generation import (TextStream, apply_template, chat_ids, cut_at_stops, device_problem, fit_context, left_pad,
@@ -69,8 +69,7 @@ def check_settings(c):
         problems.append("chat=True and batch=True do not go together")
     if c["prompt"].startswith("FILE:") and not Path(c["prompt"][5:]).is_file():
         problems.append(f"prompt file '{c['prompt'][5:]}' does not exist (or is not a file)")
-    if not 0 <= c["seed"] < 2 ** 63:
-        problems.append(f"seed={c['seed']} must be a whole number from 0 to 2**63 - 1")
+    problems += seed_problems(c["seed"])
     return problems + [p for p in [device_problem(c["device"])] if p]
 
 
