@@ -146,7 +146,8 @@ def evaluate(net, split, num_classes, batch_size, max_len, run, what="evaluation
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][run.rank::run.world]
     loss_sum = torch.zeros((), device=run.device)
     confusion = torch.zeros(num_classes, num_classes, device=run.device)
-    progress = Progress(what, len(batches), "batches") if run.master else None
+    tokens = sum(min(int(split.lengths[i]), max_len) for batch in batches for i in batch)
+    progress = Progress(what, tokens, "tokens") if run.master else None  # tokens: later batches are longer
     for indices in batches:
         idx, lengths, labels = split.batch(indices, max_len, run.device)
         with run.autocast:
@@ -155,7 +156,7 @@ def evaluate(net, split, num_classes, batch_size, max_len, run, what="evaluation
         confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels, dtype=torch.float),
                              accumulate=True)
         if progress:
-            progress.update()
+            progress.update(int(lengths.sum()))
     if run.world > 1:
         dist.all_reduce(loss_sum), dist.all_reduce(confusion)
     net.train()

@@ -133,19 +133,21 @@ def test_split(c, info):
     return folder, load_records(folder, "test")
 
 
-def response_losses(model, split, indices, batch_size, progress):
+def response_losses(model, split, indices, batch_size, what="test loss"):
     """Per example: (summed negative log-likelihood of the reference response and its <|endoftext|>, tokens).
-    Examples are batched shortest first; one longer than the context keeps its first block_size + 1 tokens."""
-    order = sorted(indices, key=lambda i: split.lengths[i])
+    Examples are batched shortest first; one longer than the context keeps its first block_size + 1 tokens.
+    Progress counts tokens: batched shortest first, each batch takes longer than the one before."""
+    order, cut = sorted(indices, key=lambda i: split.lengths[i]), model.config.block_size + 1
+    progress = Progress(what, sum(min(int(split.lengths[i]), cut) for i in indices), "tokens", quiet=0)
     nll, tokens = {}, {}
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
-        examples = [(ids[:model.config.block_size + 1], n) for ids, n in map(split.example, group)]
+        examples = [(ids[:cut], n) for ids, n in map(split.example, group)]
         x, y = collate(examples, mask_prompt=True, device=model.wte.weight.device)
         sums, counts = target_logprobs(model, x, y)
         for i, s, n in zip(group, sums, counts):
             nll[i], tokens[i] = -s, n
-        progress.update(len(group))
+        progress.update(sum(len(ids) for ids, _ in examples))
     return [nll[i] for i in indices], [tokens[i] for i in indices]
 
 
@@ -199,8 +201,7 @@ def why_not_reused(path, info, responses, records, max_new_tokens):
 def evaluate_answers(gpt, name, c, folder, records):
     """The test-split part for one model: {'summary', 'examples'} (each example's answer, loss and metrics)."""
     split, indices = Split(folder, "test"), list(range(len(records)))
-    nll, tokens = response_losses(gpt, split, indices, c.batch_size,
-                                  Progress(f"{name}: test loss", len(indices), quiet=0))
+    nll, tokens = response_losses(gpt, split, indices, c.batch_size, f"{name}: test loss")
     texts, source = saved_answers(name, records, c.max_new_tokens), "test_responses.json"
     if texts is None:
         progress = Progress(f"{name}: answering", len(indices), quiet=0)

@@ -282,6 +282,24 @@ def test_progress_of_answers_that_all_end_late_still_moves(capsys):
     assert lines[0].startswith("test answers: 0/4 prompts (25%) |") and "ETA 0m0" in lines[0]
     assert lines[1].startswith("test answers: 4/4 prompts (100%) |") and "done in" in lines[1]
 
+
+def test_loss_progress_counts_tokens_as_batches_grow_longer(monkeypatch):
+    # evaluation batches run shortest first: counted in batches, the ETA halfway through would be far too short
+    shown = []
+
+    class Recorded(Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            shown.append(self)
+
+    monkeypatch.setattr("training.Progress", Recorded)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64))
+    batches = [(torch.zeros(2, n, dtype=torch.long), torch.zeros(2, n, dtype=torch.long)) for n in (4, 16, 44)]
+    evaluate_loss(gpt, batches, Run(0, 1, False, "cpu"))
+    assert [(p.unit, p.total, p.done) for p in shown] == [("tokens", 128, 128)]
+
+
 def test_answers_of_different_lengths_are_each_what_the_prompt_gets_alone():
     # continuous batching: when an answer ends, the next prompt takes its row (its keys and values written beside
     # the others', the cache's unused columns cut off as it fills); a model made to end often at <|endoftext|>
@@ -3260,8 +3278,7 @@ def test_evaluate_loss_counts_response_tokens_as_transformers_does(eval_run):
     root = eval_run.root
     hf = GPT2LMHeadModel.from_pretrained(root / "other").eval()
     split = Split(root / "data" / "colors", "test")
-    nll, counts = ev.response_losses(load(root / "other"), split, list(range(len(split))), 4,
-                                     ev.Progress("test loss", len(split)))
+    nll, counts = ev.response_losses(load(root / "other"), split, list(range(len(split))), 4)
     tokens, prompt_len = split_examples(root / "data" / "colors", "test")
     for total, count, ids, n in zip(nll, counts, tokens, prompt_len):
         labels = torch.tensor([ids])

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import fail
+from configurator import fail, seed_problems
 from data import read_meta
 from download import DownloadError
 from generation import Progress, device_problem, pick_device, target_logprobs
@@ -174,8 +174,7 @@ def check_machinery(c):
     compile, LoRA)."""
     problems = [] if 0 <= c["dropout"] < 1 else [f"dropout={c['dropout']} must be in [0, 1)"]
     problems += [p for p in [device_problem(c["device"])] if p]
-    if not 0 <= c["seed"] < 2 ** 63:
-        problems.append(f"seed={c['seed']} must be a whole number from 0 to 2**63 - 1")
+    problems += seed_problems(c["seed"])
     problems += [f"{k}={c[k]} must be in [0, 1) (AdamW's moment decay)" for k in ("beta1", "beta2")
                  if not 0 <= c[k] < 1]
     if c["resume"] and c["overwrite"]:
@@ -302,13 +301,15 @@ def evaluate_loss(model, batches, run, what="loss"):
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=run.device, dtype=torch.float64)  # loss summed over tokens, tokens
-    progress = Progress(what, len(batches), "batches") if run.master and hasattr(batches, "__len__") else None
+    progress = None  # counted in tokens: batches in order of length take ever longer, so a count of them misleads
+    if run.master and hasattr(batches, "__len__"):
+        progress = Progress(what, sum(x.numel() for x, _ in batches), "tokens")
     with run.autocast:  # one context for every batch: it casts each trainable weight to bf16 once, not per batch
         for x, y in batches:
             loss, n = summed_loss(model, x, y)
             total += torch.tensor([loss, n], dtype=torch.float64, device=run.device)
             if progress:
-                progress.update()
+                progress.update(x.numel())
     if run.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
