@@ -49,6 +49,7 @@ eval_data = "data/instruction-data"  # what=eval: a prepare.py instruction datas
 eval_tokens = 256  # what=eval: the most new tokens of an answer (finetune.py's and evaluate.py's default)
 eval_precisions = ("fp32", "bf16")  # what=eval: fp32 as evaluate.py runs on the CPU, bf16 as finetune.py's autocast
 eval_loss_runs = 3  # what=eval: runs of each loss, interleaved, the fastest counts (the answers run once each)
+eval_mask_prompt = False  # what=eval: the losses score the responses only, as finetune.py --mask_prompt=True does
 # -----------------------------------------------------------------------------
 
 
@@ -276,7 +277,7 @@ def bench_eval():
     def loss_then(split, amp):
         losses = []
         for i in range(0, len(split), 8):
-            x, y = split.batch(range(i, min(i + 8, len(split))), False, "cpu")
+            x, y = split.batch(range(i, min(i + 8, len(split))), eval_mask_prompt, "cpu")
             with amp:
                 losses.append(gpt(x, y)[1].item())
         return sum(losses) / len(losses)
@@ -298,7 +299,8 @@ def bench_eval():
         return answer(gpt, prompts, eval_tokens, amp)
 
     print(f"evaluation: {eval_model} ({gpt.num_params() / 1e6:.0f}M), {eval_data}: {len(splits['val'])} val and "
-          f"{len(prompts)} test examples, answers of at most {eval_tokens} greedy tokens; "
+          f"{len(prompts)} test examples, losses on {'the responses' if eval_mask_prompt else 'every token'}, "
+          f"answers of at most {eval_tokens} greedy tokens; "
           f"{torch.get_num_threads()} threads; {cpu_name()}; memory bandwidth {memory_bandwidth() / 1e9:.1f} GB/s")
     with torch.no_grad():
         answer(gpt, prompts[:4], 8)  # warm up: the first run in a process pays for allocating its memory
@@ -308,7 +310,7 @@ def bench_eval():
         dtype = torch.bfloat16 if precision == "bf16" else None
         run = Run(0, 1, False, "cpu", dtype)
         jobs = [(f"{name} loss", lambda split=split: loss_then(split, run.autocast),
-                 lambda split=split: evaluate_loss(gpt, split.eval_batches(8, 0, False), run))
+                 lambda split=split: evaluate_loss(gpt, split.eval_batches(8, 0, eval_mask_prompt), run))
                 for name, split in splits.items()]
         jobs.append(("test answers", lambda: answers_then(run.autocast), lambda: answers_now(run.autocast)))
         for what_, then, now in jobs:

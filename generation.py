@@ -321,8 +321,9 @@ class Progress:
             return
         when = f"done in {clock(elapsed)}" if end else f"ETA {clock(elapsed * (self.total - worth) / worth)}"
         percent = 100 * worth / max(self.total, 1) if end else min(99, 100 * worth / self.total)  # 100: only at the end
-        line = (f"{self.what}: {self.done}/{self.total}{' ' + self.unit if self.unit else ''} "
-                f"({percent:.0f}%) | {self.done / max(elapsed, 1e-9):.2f}/s | {when}")
+        rate = self.done / max(elapsed, 1e-9)
+        line = (f"{self.what}: {self.done:,}/{self.total:,}{' ' + self.unit if self.unit else ''} "
+                f"({percent:.0f}%) | {rate:,.{0 if rate >= 100 else 2}f}/s | {when}")
         if self.tty:  # in place: back to the start of the line, and erase what a longer line left there
             print("\r" + line + "\033[K", end="\n" if end else "", file=sys.stderr, flush=True)
         else:
@@ -386,7 +387,8 @@ def target_logprobs(model, idx, targets, ctx=None):
     """(sum, count): per row of idx (B, T), the summed log-probability of its targets (B, T; the next tokens,
     IGNORE where nothing is scored) and how many were scored. The head runs on the scored positions only:
     a (B, T, 50257) logits tensor is never made, and the head's output is taken 64 rows at a time, so each piece
-    stays in the cache (~3x faster on the CPU than all at once: 2,400 x 50,257 logits). ctx: an autocast
+    stays in the cache (on the Intel Xeon it was chosen on, ~3x faster than all at once: 2,400 x 50,257 logits;
+    on an AMD EPYC, float32 runs ~20% faster in pieces of 256 and bf16 ~10% in pieces of 128). ctx: an autocast
     context, if any."""
     was_training = model.training
     model.eval()

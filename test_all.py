@@ -3169,13 +3169,16 @@ def eval_run(tmp_path_factory, server):
 
 def test_bench_times_the_first_rounds_evaluation_against_todays_and_compares_results(eval_run):
     # bench.py --what=eval: val and test loss, and the test answers, as the first round made them and as now;
-    # greedy answers, so in float32 the two ways give the same ones
+    # greedy answers, so in float32 the two ways give the same ones; the losses on the responses only, as
+    # finetune.py --mask_prompt=True scores them
     def bench(*args):
         return subprocess.run([sys.executable, str(HERE / "bench.py"), "--what=eval", *args], cwd=eval_run.root,
                               capture_output=True, text=True, timeout=300)
     data = eval_run.root / "data" / "colors"
-    result = bench(f"--eval_model={eval_run.root / 'tiny'}", f"--eval_data={data}", "--eval_tokens=6")
+    result = bench(f"--eval_model={eval_run.root / 'tiny'}", f"--eval_data={data}", "--eval_tokens=6",
+                   "--eval_mask_prompt=True")
     assert result.returncode == 0, result.stderr
+    assert "losses on the responses" in result.stdout.splitlines()[0]
     rows = {tuple(line.split()[:3]): line.split()[3:] for line in result.stdout.splitlines()
             if line.startswith(("  fp32 ", "  bf16 "))}
     assert set(rows) == {(p, split, what) for p in ("fp32", "bf16") for split, what in
@@ -3228,7 +3231,7 @@ def test_evaluate_reports_model_and_baseline_with_judge_and_hellaswag(eval_run, 
     assert "reusing the answers in out/test_responses.json (iteration 1" in result.stdout
     for phase in ("test loss", "answering", "HellaSwag (harness)", "out/ckpt.pt: judge ollama:judge",
                   "other: judge ollama:judge", "model vs baseline: judge ollama:judge"):
-        assert re.search(re.escape(phase) + r": \d+/\d+ \w+ \(100%\) .*done in", result.stderr), phase
+        assert re.search(re.escape(phase) + r": [\d,]+/[\d,]+ \w+ \(100%\) .*done in", result.stderr), phase
     report = json.loads((root / "eval" / "report.json").read_text())
     ours, base = report["models"]
     assert ours["answers"]["answers_from"] == "test_responses.json" and base["answers"]["answers_from"] == "generated"
