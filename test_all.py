@@ -46,7 +46,7 @@ from data import (ALPACA_TEMPLATE, IGNORE, Split, TextSplit, collate, format_pro
                   load_split, padding_fraction)
 from download import DownloadError
 from gguf_export import DTYPES, chat_template, export_gguf, gpt2_vocab, ollama_template
-from generation import Progress, TextStream, answer, answer_batch_size, until_eot
+from generation import PIECE_ROWS, Progress, TextStream, answer, answer_batch_size, head_logprobs, until_eot
 from load_gpt2 import export_hf, load_gpt2 as load, read_checkpoint
 from lora import LORA_TARGETS, LoRALinear, add_lora, merge_lora
 from model import GPT, GPTConfig, decode_attention, filter_logits, sample_next
@@ -281,6 +281,26 @@ def test_progress_of_answers_that_all_end_late_still_moves(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("test answers: 0/4 prompts (25%) |") and "ETA 0m0" in lines[0]
     assert lines[1].startswith("test answers: 4/4 prompts (100%) |") and "done in" in lines[1]
+
+
+def test_head_piece_size_is_timed_on_the_scored_rows_and_changes_no_result(monkeypatch):
+    # how many rows of logits are made at a time is timed on this machine, on the rows being scored (each size
+    # three times, 256 rows a chunk), then kept per dtype; whichever size runs, the answer is the full logits'
+    pieces = {}
+    monkeypatch.setattr("generation.piece_rows", pieces)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
+    hidden, wanted = torch.randn(8 * 256 + 7, 16), torch.randint(0, 50257, (8 * 256 + 7,))
+    with torch.no_grad():
+        full = torch.log_softmax(gpt.lm_head(hidden), -1).gather(1, wanted[:, None])[:, 0]
+        assert torch.allclose(head_logprobs(gpt, hidden, wanted), full, atol=1e-5)  # 8 chunks timed, the rest not
+        assert isinstance(pieces["cpu", torch.float32, (50257, 16)], dict)
+        assert torch.allclose(head_logprobs(gpt, hidden[:300], wanted[:300]), full[:300], atol=1e-5)  # the 9th
+        assert pieces["cpu", torch.float32, (50257, 16)] in PIECE_ROWS  # chosen, for this process
+        assert torch.allclose(head_logprobs(gpt, hidden, wanted), full, atol=1e-5)
+        with torch.autocast("cpu", torch.bfloat16):  # bf16 is timed for itself
+            assert (head_logprobs(gpt, hidden[:300], wanted[:300]) - full[:300]).abs().max() < 0.05
+        assert [len(t) for t in pieces["cpu", torch.bfloat16, (50257, 16)].values()] == [1, 0, 0]
 
 
 def test_loss_progress_counts_tokens_as_batches_grow_longer(monkeypatch):
@@ -3179,6 +3199,7 @@ def test_bench_times_the_first_rounds_evaluation_against_todays_and_compares_res
                    "--eval_mask_prompt=True")
     assert result.returncode == 0, result.stderr
     assert "losses on the responses" in result.stdout.splitlines()[0]
+    assert result.stdout.count("losses now: ") == 2  # how the head's pieces were sized, per precision
     rows = {tuple(line.split()[:3]): line.split()[3:] for line in result.stdout.splitlines()
             if line.startswith(("  fp32 ", "  bf16 "))}
     assert set(rows) == {(p, split, what) for p in ("fp32", "bf16") for split, what in
