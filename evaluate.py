@@ -135,8 +135,8 @@ def test_split(c, info):
 
 def response_losses(model, split, indices, batch_size, what="test loss"):
     """Per example: (summed negative log-likelihood of the reference response and its <|endoftext|>, tokens).
-    Examples are batched shortest first; one longer than the context keeps its first block_size + 1 tokens.
-    Progress counts tokens: batched shortest first, each batch takes longer than the one before."""
+    Examples are batched shortest first (progress counts tokens: each batch takes longer than the one before);
+    one longer than the context keeps its first block_size + 1 tokens."""
     order, cut = sorted(indices, key=lambda i: split.lengths[i]), model.config.block_size + 1
     progress = Progress(what, sum(min(int(split.lengths[i]), cut) for i in indices), "tokens", quiet=0)
     nll, tokens = {}, {}
