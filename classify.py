@@ -146,8 +146,7 @@ def evaluate(net, split, num_classes, batch_size, max_len, run, what="evaluation
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][run.rank::run.world]
     loss_sum = torch.zeros((), device=run.device)
     confusion = torch.zeros(num_classes, num_classes, device=run.device)
-    tokens = sum(min(int(split.lengths[i]), max_len) for batch in batches for i in batch)
-    progress = Progress(what, tokens, "tokens") if run.master else None  # tokens: later batches are longer
+    progress = Progress(what, sum(split.tokens(b, max_len) for b in batches), "tokens") if run.master else None
     for indices in batches:
         idx, lengths, labels = split.batch(indices, max_len, run.device)
         with run.autocast:
@@ -156,7 +155,7 @@ def evaluate(net, split, num_classes, batch_size, max_len, run, what="evaluation
         confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels, dtype=torch.float),
                              accumulate=True)
         if progress:
-            progress.update(sum(min(int(split.lengths[i]), max_len) for i in indices))  # on the CPU: no GPU sync
+            progress.update(split.tokens(indices, max_len))
     if run.world > 1:
         dist.all_reduce(loss_sum), dist.all_reduce(confusion)
     net.train()

@@ -124,6 +124,11 @@ class Split:
         tokens = self.arrays["tokens"][self.offsets[i]:self.offsets[i + 1]]
         return tokens, int(self.arrays["prompt_len"][i])
 
+    def tokens(self, indices, most):
+        """How many tokens the examples at indices have, each cut to its first `most`: what evaluating them costs,
+        the count an evaluation's progress line shows (its batches run shortest first, so batches would mislead)."""
+        return int(np.minimum(self.lengths[np.asarray(indices, dtype=np.int64)], most).sum())
+
     def prompt(self, i):
         """Example i's prompt as a list of ids: what the model answers from."""
         tokens, prompt_len = self.example(i)

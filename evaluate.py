@@ -135,10 +135,9 @@ def test_split(c, info):
 
 def response_losses(model, split, indices, batch_size, what="test loss"):
     """Per example: (summed negative log-likelihood of the reference response and its <|endoftext|>, tokens).
-    Examples are batched shortest first (progress counts tokens: each batch takes longer than the one before);
-    one longer than the context keeps its first block_size + 1 tokens."""
+    Examples are batched shortest first; one longer than the context keeps its first block_size + 1 tokens."""
     order, cut = sorted(indices, key=lambda i: split.lengths[i]), model.config.block_size + 1
-    progress = Progress(what, sum(min(int(split.lengths[i]), cut) for i in indices), "tokens", quiet=0)
+    progress = Progress(what, split.tokens(indices, cut), "tokens", quiet=0)
     nll, tokens = {}, {}
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
@@ -147,7 +146,7 @@ def response_losses(model, split, indices, batch_size, what="test loss"):
         sums, counts = target_logprobs(model, x, y)
         for i, s, n in zip(group, sums, counts):
             nll[i], tokens[i] = -s, n
-        progress.update(sum(len(ids) for ids, _ in examples))
+        progress.update(split.tokens(group, cut))
     return [nll[i] for i in indices], [tokens[i] for i in indices]
 
 
