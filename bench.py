@@ -260,7 +260,7 @@ def bench_eval():
     from configurator import fail
     from data import EOT, Split
     from download import DownloadError
-    from generation import PIECE_ROWS, answer, answer_rows, left_pad, piece_rows, until_eot
+    from generation import PIECE_ROWS, answer, answer_rows, left_pad, piece_key, piece_rows, until_eot
     from load_gpt2 import load_model
     from training import Run, evaluate_loss
     if eval_tokens < 1 or eval_loss_runs < 1:
@@ -328,10 +328,10 @@ def bench_eval():
                 told = f"{results[0]:.4f} (a mean of batch means); {results[1]:.4f} (per token)"
             print(f"  {precision:<10} {what_:<13} {seconds[0]:>10.1f}s {seconds[1]:>7.1f}s "
                   f"{seconds[0] / seconds[1]:>8.2f}x  {told}")
-        pieces = piece_rows.get(("cpu", dtype or torch.float32, tuple(gpt.lm_head.weight.shape)))
-        print(f"  ({precision} losses now: the head's logits {pieces} rows at a time, the fastest of {PIECE_ROWS} "
-              f"timed on the first rows scored)" if isinstance(pieces, int) else
-              f"  ({precision} losses now: too few rows scored to time the head's pieces: {PIECE_ROWS[0]} rows at a time)")
+        pieces = piece_rows.get(piece_key(gpt, "cpu", dtype or torch.float32))
+        how = (f"{pieces} rows at a time, the fastest of {PIECE_ROWS} timed on the first rows scored" if pieces else
+               f"{PIECE_ROWS[0]} rows at a time (too few rows were scored to time the sizes)")
+        print(f"  ({precision} losses now: the head's logits {how})")
 
 
 if __name__ == "__main__":

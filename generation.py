@@ -385,7 +385,13 @@ def cut_at_stops(text, stops):
 
 PIECE_ROWS = (64, 128, 256)  # rows of the head's output made at a time: the fastest is timed on each machine
 TIMED_ROWS = 256  # rows per timed chunk, each cut into pieces of one candidate size
-piece_rows = {}  # (device, dtype, head's shape): the fastest of PIECE_ROWS, or {size: [seconds per chunk]} while timing
+piece_rows = {}  # piece_key: the fastest of PIECE_ROWS, once each has been timed three times
+piece_timings = {}  # piece_key: {size: [seconds per chunk]} until then
+
+
+def piece_key(model, device, dtype):
+    """What the head's best piece size depends on: the device, the dtype of its products, the head's shape."""
+    return device, dtype, tuple(model.lm_head.weight.shape)
 
 
 def head_logprobs(model, hidden, wanted):
@@ -398,9 +404,9 @@ def head_logprobs(model, hidden, wanted):
     does no extra work: the chunks' results are the answer."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    key, done = (device, dtype, tuple(model.lm_head.weight.shape)), []
-    timings = piece_rows.setdefault(key, {size: [] for size in PIECE_ROWS})
-    while isinstance(timings, dict) and len(hidden) >= TIMED_ROWS:
+    key, done = piece_key(model, device, dtype), []
+    while key not in piece_rows and len(hidden) >= TIMED_ROWS:
+        timings = piece_timings.setdefault(key, {size: [] for size in PIECE_ROWS})
         size = min(timings, key=lambda k: len(timings[k]))  # the candidate timed least so far
         start = time.perf_counter()
         done.append(pieces_logprobs(model, hidden[:TIMED_ROWS], wanted[:TIMED_ROWS], size))
@@ -408,10 +414,9 @@ def head_logprobs(model, hidden, wanted):
             getattr(torch, device).synchronize()
         timings[size].append(time.perf_counter() - start)
         if min(map(len, timings.values())) >= 3:  # the best of three: a shared machine's noise, the first bf16 cast
-            timings = piece_rows[key] = min(timings, key=lambda k: min(timings[k]))
+            piece_rows[key] = min(timings, key=lambda k: min(timings[k]))
         hidden, wanted = hidden[TIMED_ROWS:], wanted[TIMED_ROWS:]
-    size = timings if isinstance(timings, int) else PIECE_ROWS[0]
-    return torch.cat(done + [pieces_logprobs(model, hidden, wanted, size)])
+    return torch.cat(done + [pieces_logprobs(model, hidden, wanted, piece_rows.get(key, PIECE_ROWS[0]))])
 
 
 def pieces_logprobs(model, hidden, wanted, size):

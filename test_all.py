@@ -286,21 +286,23 @@ def test_progress_of_answers_that_all_end_late_still_moves(capsys):
 def test_head_piece_size_is_timed_on_the_scored_rows_and_changes_no_result(monkeypatch):
     # how many rows of logits are made at a time is timed on this machine, on the rows being scored (each size
     # three times, 256 rows a chunk), then kept per dtype; whichever size runs, the answer is the full logits'
-    pieces = {}
+    pieces, timings = {}, {}
     monkeypatch.setattr("generation.piece_rows", pieces)
+    monkeypatch.setattr("generation.piece_timings", timings)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
     hidden, wanted = torch.randn(8 * 256 + 7, 16), torch.randint(0, 50257, (8 * 256 + 7,))
     with torch.no_grad():
         full = torch.log_softmax(gpt.lm_head(hidden), -1).gather(1, wanted[:, None])[:, 0]
         assert torch.allclose(head_logprobs(gpt, hidden, wanted), full, atol=1e-5)  # 8 chunks timed, the rest not
-        assert isinstance(pieces["cpu", torch.float32, (50257, 16)], dict)
+        assert not pieces and sorted(map(len, timings["cpu", torch.float32, (50257, 16)].values())) == [2, 3, 3]
         assert torch.allclose(head_logprobs(gpt, hidden[:300], wanted[:300]), full[:300], atol=1e-5)  # the 9th
         assert pieces["cpu", torch.float32, (50257, 16)] in PIECE_ROWS  # chosen, for this process
         assert torch.allclose(head_logprobs(gpt, hidden, wanted), full, atol=1e-5)
         with torch.autocast("cpu", torch.bfloat16):  # bf16 is timed for itself
             assert (head_logprobs(gpt, hidden[:300], wanted[:300]) - full[:300]).abs().max() < 0.05
-        assert [len(t) for t in pieces["cpu", torch.bfloat16, (50257, 16)].values()] == [1, 0, 0]
+        assert [len(t) for t in timings["cpu", torch.bfloat16, (50257, 16)].values()] == [1, 0, 0]
+        assert ("cpu", torch.bfloat16, (50257, 16)) not in pieces
 
 
 def test_loss_progress_counts_tokens_as_batches_grow_longer(monkeypatch):
